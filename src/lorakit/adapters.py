@@ -1,0 +1,372 @@
+"""Adding, switching, disabling and deleting named adapters on a model.
+
+An adapter is one `Adapter` record (name, config, the modules it touches) plus its tensors on each of those
+modules (`LoraWeights`, `TokenWeights`, a saved copy). The records live on the model in `model.lorakit_adapters`;
+`model.lorakit_active` lists the active names. Every state change here is explicit and reversible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from . import functional as LF
+from .config import LoraConfig
+from .fingerprint import combine, weight_digest
+from .inject import find_modules, find_targets, model_modules
+from .layers import (
+    LinearLike,
+    LoraLayer,
+    RowPlan,
+    SavedModule,
+    lora_class_for,
+    unwrap,
+    unwrap_saved,
+    wrap,
+    wrap_saved,
+)
+
+
+@dataclass
+class Adapter:
+    """One named adapter: its config and the modules it lives on."""
+
+    name: str
+    config: LoraConfig
+    lora_modules: list[str] = field(default_factory=list)
+    token_modules: list[str] = field(default_factory=list)
+    saved_modules: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def modules(self) -> list[str]:
+        return self.lora_modules + self.token_modules + self.saved_modules
+
+
+def adapter_records(model: nn.Module) -> dict[str, Adapter]:
+    """The adapters on `model`, by name (an empty dict for a plain model)."""
+    return model.__dict__.setdefault("lorakit_adapters", {})
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("lorakit_active", []))
+
+
+def get_adapter(model: nn.Module, name: str) -> Adapter:
+    found = adapter_records(model)
+    if name not in found:
+        raise KeyError(f"no adapter named {name!r} on this model; adapters: {sorted(found) or 'none'}")
+    return found[name]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, module in model_modules(model):
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | SavedModule]]:
+    for name, module in model_modules(model):
+        if isinstance(module, LoraLayer | SavedModule):
+            yield name, module
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ValueError(f"adapter name {name!r} is invalid: expected a non-empty string without '.' or '/'")
+
+
+def add_adapter(
+    model: nn.Module, config: LoraConfig | None = None, name: str = "default", activate: bool = True
+) -> nn.Module:
+    """Add a new adapter to `model` in place and return the model. Base parameters are frozen.
+
+    The new adapter becomes the only active one (and trainable) unless `activate=False`.
+
+    Raises:
+        ValueError: invalid name, a name in use, targets that match nothing, an unsupported layer type,
+            or modules_to_save overlapping the LoRA targets. The model is unchanged on any error.
+    """
+    config = config or LoraConfig()
+    _check_name(name)
+    if name in adapter_records(model):
+        raise ValueError(f"adapter {name!r} already exists on this model")
+    if any(isinstance(m, LoraLayer) and m.merged for _, m in lora_layers(model)):
+        raise RuntimeError("cannot add an adapter while adapters are merged; unmerge first")
+    targets = find_targets(model, config) if config.targets else []
+    saved = find_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else []
+    if set(saved) & set(targets):
+        raise ValueError(
+            f"modules {sorted(set(saved) & set(targets))} are both LoRA targets and modules_to_save"
+        )
+    token_plan = _token_plan(model, config)
+    for n in targets if config.use_dora or config.init == "pissa" else []:
+        module = model.get_submodule(n)
+        cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
+        if not issubclass(cls, LinearLike):
+            what = "use_dora" if config.use_dora else "init='pissa'"
+            raise ValueError(f"{what}: module {n!r} is a {type(module).__name__}; it needs Linear or Conv1D")
+
+    adapter = Adapter(name, config)
+    try:
+        for n in targets:
+            _add_lora(model, n, name, config)
+            adapter.lora_modules.append(n)
+        for n, indices in token_plan.items():
+            adapter.token_modules += _add_tokens(model, n, name, indices)
+        for n in saved:
+            layer = wrap_saved(model.get_submodule(n))
+            _replace(model, n, layer)
+            layer.add_copy(name)
+            adapter.saved_modules.append(n)
+    except Exception:
+        _remove_from_layers(model, name)
+        raise
+    adapter.fingerprint = base_fingerprint(model, adapter.lora_modules + adapter.token_modules)
+    adapter_records(model)[name] = adapter
+    _freeze_base(model)
+    if activate:
+        set_adapter(model, name)
+    return model
+
+
+def _add_lora(model: nn.Module, module_name: str, name: str, config: LoraConfig) -> None:
+    layer = wrap(model.get_submodule(module_name))
+    _replace(model, module_name, layer)
+    r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
+    w = layer.add_lora(name, r, alpha, config.dropout, config.use_rslora, config.use_dora, config.init)
+    if config.init == "pissa":
+        with torch.no_grad():
+            A, B, W_res = LF.pissa_factors(layer._weight_out_in(), r, w.scale)
+            w.A.copy_(A)
+            w.B.copy_(B)
+            layer._set_weight_out_in(W_res)
+            # The initial factors: saving as plain LoRA needs ΔW - ΔW₀ (see io.pissa_to_lora).
+            w.pissa_init = (A.clone(), B.clone())
+
+
+def _token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
+    spec = config.trainable_token_indices
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        plan = {}
+        for key, ids in spec.items():
+            for n in find_modules(model, [key], "trainable_token_indices"):
+                plan[n] = list(ids)
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        found = [n for n, m in model_modules(model) if m is emb] if emb is not None else []
+        if not found:
+            raise ValueError("trainable_token_indices as a list needs a model with get_input_embeddings()")
+        plan = {found[0]: list(spec)}
+    for n in plan:
+        module = model.get_submodule(n)
+        if not isinstance(module, nn.Embedding):
+            raise ValueError(f"trainable_token_indices: {n!r} is a {type(module).__name__}, not an Embedding")
+    return plan
+
+
+def _add_tokens(model: nn.Module, module_name: str, name: str, indices: list[int]) -> list[str]:
+    layer = wrap(model.get_submodule(module_name))
+    _replace(model, module_name, layer)
+    tokens = layer.add_tokens(name, indices)
+    names = [module_name]
+    # A tied output head reads the same rows: give it the same TokenWeights so its logits follow.
+    for n, m in model_modules(model):
+        if n != module_name and isinstance(m, nn.Linear) and getattr(m, "weight", None) is layer.weight:
+            head = wrap(m)
+            _replace(model, n, head)
+            head.tokens[name] = tokens
+            names.append(n)
+    return names
+
+
+def base_fingerprint(model: nn.Module, module_names: Sequence[str]) -> str:
+    """Fingerprint of the base weights of `module_names` as they were before any adapter changed them."""
+    digests = {}
+    for n in module_names:
+        m = model.get_submodule(n)
+        digests[n] = m.base_digest if isinstance(m, LoraLayer) else weight_digest(m.weight)
+    return combine(digests)
+
+
+def _freeze_base(model: nn.Module) -> None:
+    adapter_params = {id(p) for _, layer in adapter_layers(model) for p in _adapter_params(layer)}
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
+
+
+def _adapter_params(layer: nn.Module) -> Iterator[nn.Parameter]:
+    if isinstance(layer, LoraLayer):
+        yield from layer.lora.parameters()
+        yield from layer.tokens.parameters()
+    else:
+        yield from layer.lora_copies.parameters()
+
+
+def _remove_from_layers(model: nn.Module, name: str) -> None:
+    for module_name, layer in list(adapter_layers(model)):
+        if not layer.has(name):
+            continue
+        layer.remove(name)
+        empty = not (layer.lora or layer.tokens) if isinstance(layer, LoraLayer) else not layer.lora_copies
+        if empty:
+            _replace(
+                model, module_name, unwrap(layer) if isinstance(layer, LoraLayer) else unwrap_saved(layer)
+            )
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters (their deltas add up) and the only trainable ones.
+
+    Raises:
+        KeyError: an unknown name. RuntimeError: adapters are merged (unmerge first), or two active
+            adapters both carry a copy of the same module in modules_to_save.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        get_adapter(model, n)
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise RuntimeError("cannot change the active adapters while adapters are merged; unmerge first")
+    for module_name, layer in adapter_layers(model):
+        present = tuple(n for n in names if layer.has(n))
+        if isinstance(layer, SavedModule) and len(present) > 1:
+            raise RuntimeError(f"adapters {list(present)} each have their own copy of {module_name!r}")
+        if isinstance(layer, LoraLayer) and len(present) > 1:
+            dora = [n for n in present if n in layer.lora and layer.lora[n].magnitude is not None]
+            if dora:
+                # DoRA rescales the whole weight, so "sum of deltas" has no single meaning next to it.
+                raise RuntimeError(
+                    f"DoRA adapter {dora[0]!r} cannot be active with others on {module_name!r}"
+                )
+        layer.active = present
+    for adapter in adapter_records(model).values():
+        trainable = adapter.name in names
+        for module_name in adapter.modules:
+            for p in _params_of(model.get_submodule(module_name), adapter.name):
+                p.requires_grad_(trainable)
+        if adapter.config.bias != "none":
+            _set_bias_trainable(model, adapter, trainable)
+    model.__dict__["lorakit_active"] = names
+
+
+def _params_of(layer: nn.Module, name: str) -> Iterator[nn.Parameter]:
+    if isinstance(layer, LoraLayer):
+        for d in (layer.lora, layer.tokens):
+            if name in d:
+                yield from d[name].parameters()
+    elif isinstance(layer, SavedModule) and name in layer.lora_copies:
+        yield from layer.lora_copies[name].parameters()
+
+
+def _set_bias_trainable(model: nn.Module, adapter: Adapter, trainable: bool) -> None:
+    if adapter.config.bias == "all":
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias") and ".lora." not in n]
+    else:
+        biases = [
+            b
+            for n in adapter.lora_modules
+            if (b := getattr(model.get_submodule(n), "bias", None)) is not None
+        ]
+    for b in biases:
+        b.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, the model computes exactly its base outputs. Raises RuntimeError if adapters are merged."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
+        raise RuntimeError("adapters are merged into the weights; unmerge before disabling them")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` entirely; layers left with no adapter become plain modules again."""
+    get_adapter(model, name)
+    if any(name in layer.merged for _, layer in lora_layers(model)):
+        raise RuntimeError(f"adapter {name!r} is merged; unmerge it before deleting it")
+    _remove_from_layers(model, name)
+    del adapter_records(model)[name]
+    model.__dict__["lorakit_active"] = [n for n in active_adapters(model) if n != name]
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside, batch row i uses adapter names[i] alone (None: the base model). Inference only.
+
+    Rows are grouped by adapter, and each LoRA layer runs one small matmul per group over that group's rows.
+
+    Raises:
+        KeyError: an unknown name. RuntimeError: merged adapters, DoRA, or adapters with trainable tokens /
+            saved modules (these change whole modules, not rows).
+    """
+    known = adapter_records(model)
+    for n in names:
+        if n is not None:
+            get_adapter(model, n)
+            a = known[n]
+            if a.config.use_dora or a.token_modules or a.saved_modules:
+                raise RuntimeError(
+                    f"adapter {n!r} uses DoRA, trainable tokens or modules_to_save: not per-row"
+                )
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    groups: dict[str, list[int]] = {}
+    for row, n in enumerate(names):
+        if n is not None:
+            groups.setdefault(n, []).append(row)
+    plan = RowPlan({n: torch.tensor(rows, device=device) for n, rows in groups.items()})
+    for layer in layers:
+        layer.row_plan = plan
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_plan = None
+
+
+class ParamCount(NamedTuple):
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100 * self.trainable / max(self.total, 1)
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """(trainable, total) parameter counts, each shared tensor counted once; str() gives a summary line."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit packs two values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return ParamCount(trainable, total)

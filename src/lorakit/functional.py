@@ -1,0 +1,150 @@
+"""The LoRA math, once. Pure functions of tensors: no modules, no state.
+
+Notation, for a frozen weight W of shape (out, in) and an adapter of rank r:
+    A: (r, in)        B: (out, r)        s: scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)
+    ΔW = s · B @ A                         (out, in)
+    lora(x) = s · (dropout(x) @ Aᵀ) @ Bᵀ   x: (..., in) -> (..., out)
+
+Layers, merge, serving and the fast paths call these; every fast path is tested against them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """ΔW = s · B @ A for Linear-shaped factors.
+
+    Args:
+        A: (r, in). B: (out, r). scale: s.
+    Returns:
+        (out, in), in the factors' dtype.
+    """
+    return (B @ A) * scale
+
+
+def conv_delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """ΔW for Conv2d factors: A is a conv (r, in/groups, kh, kw), B a 1×1 conv (out, r, 1, 1).
+
+    Returns:
+        (out, in/groups, kh, kw): B applied as a matrix over A's flattened kernel.
+    """
+    out = B.shape[0]
+    return (B.flatten(1) @ A.flatten(1)).view(out, *A.shape[1:]) * scale
+
+
+def lora_linear(
+    x: Tensor, A: Tensor, B: Tensor, scale: float, dropout: float = 0.0, training: bool = False
+) -> Tensor:
+    """The LoRA branch of a Linear: s · (dropout(x) @ Aᵀ) @ Bᵀ.
+
+    Args:
+        x: (..., in). A: (r, in). B: (out, r).
+        dropout: probability, applied to x on this branch only and only when `training`.
+    Returns:
+        (..., out). Computing x @ Aᵀ first costs O(r·(in+out)) per token instead of O(in·out).
+    """
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, training=True)
+    return F.linear(F.linear(x, A), B) * scale
+
+
+def lora_embedding(ids: Tensor, A: Tensor, B: Tensor, scale: float, padding_idx: int | None = None) -> Tensor:
+    """The LoRA branch of an Embedding: s · (onehot(ids) @ Aᵀ) @ Bᵀ, i.e. rows of Aᵀ looked up, then B.
+
+    Args:
+        ids: integer tensor (...). A: (r, num_embeddings). B: (dim, r).
+    Returns:
+        (..., dim).
+    """
+    return F.embedding(ids, A.t(), padding_idx=padding_idx) @ B.t() * scale
+
+
+def lora_conv2d(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    conv_args: dict,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """The LoRA branch of a Conv2d: a rank-r conv with the base's stride / padding, then a 1×1 conv.
+
+    Args:
+        x: (N, in, H, W). A: (r, in/groups, kh, kw). B: (out, r, 1, 1).
+        conv_args: stride, padding, dilation, groups of the base conv (groups must be 1).
+    Returns:
+        (N, out, H', W').
+    """
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, training=True)
+    return F.conv2d(F.conv2d(x, A, **conv_args), B) * scale
+
+
+def weight_norm(W: Tensor, delta: Tensor) -> Tensor:
+    """||W + ΔW|| per output row (DoRA's denominator). W, delta: (out, in) -> (out,)."""
+    return torch.linalg.vector_norm(W + delta, dim=1)
+
+
+def dora_linear(
+    x: Tensor,
+    W: Tensor,
+    base_out: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    magnitude: Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """What DoRA adds to the base output: y_dora - y_base, where y_dora = m / ||W + ΔW|| · (W + ΔW) x.
+
+    The norm is detached (treated as a constant in backward), as in the DoRA paper and PEFT.
+
+    Args:
+        x: (..., in). W: (out, in), the frozen weight. base_out: x @ Wᵀ without bias, or None to
+            recompute it (needed when dropout changes x). A: (r, in). B: (out, r). magnitude m: (out,).
+    Returns:
+        (..., out), to be added to the base output (which carries the bias).
+    """
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, training=True)
+        base_out = None
+    if base_out is None:
+        base_out = F.linear(x, W.to(x.dtype))
+    delta = delta_weight(A, B, scale)
+    norm = weight_norm(W.to(delta.dtype), delta.detach()).detach()
+    ratio = magnitude / norm
+    return (ratio - 1) * base_out + ratio * lora_linear(x, A, B, scale)
+
+
+def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    """The merged DoRA weight W' = m / ||W + ΔW|| · (W + ΔW), and the norm needed to unmerge.
+
+    W, delta: (out, in); magnitude: (out,). Returns (W', norm (out,)).
+    """
+    norm = weight_norm(W, delta)
+    return (magnitude / norm).unsqueeze(1) * (W + delta), norm
+
+
+def dora_unmerged_weight(W_merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor) -> Tensor:
+    """Inverse of `dora_merged_weight`: W = W' · ||W + ΔW|| / m - ΔW."""
+    return W_merged * (norm / magnitude).unsqueeze(1) - delta
+
+
+def pissa_factors(W: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA init: A, B from the top-r SVD of W, and the residual weight that keeps the output unchanged.
+
+    W = U S Vᴴ; with S_r = S[:r] / s:  A = √S_r · Vᴴ[:r] (r, in),  B = U[:, :r] · √S_r (out, r),
+    W_res = W - s · B A, so W_res + s · B A = W exactly (up to rounding).
+    Returns (A, B, W_res) in fp32.
+    """
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    root = (S[:r] / scale).sqrt()
+    A = root.unsqueeze(1) * Vh[:r]
+    B = U[:, :r] * root.unsqueeze(0)
+    return A, B, W.float() - delta_weight(A, B, scale)

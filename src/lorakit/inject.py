@@ -1,0 +1,128 @@
+"""Which modules an adapter targets: PEFT's matching rules, with errors that name what was expected."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoraConfig
+from .layers import LoraLayer, LoraWeights, SavedModule, TokenWeights, is_adaptable
+
+# Layer containers whose index `layers_to_transform` refers to (PEFT's COMMON_LAYERS_PATTERN).
+LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
+HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out", "output")
+
+
+def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """named_modules() without lorakit's own adapter sub-modules (A/B holders, saved copies)."""
+    skip: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, LoraWeights | TokenWeights):
+            continue
+        if isinstance(module, LoraLayer):
+            skip += [f"{name}.lora", f"{name}.tokens"]
+        if isinstance(module, SavedModule):
+            skip.append(f"{name}.lora_copies")
+        out.append((name, module))
+    return out
+
+
+def matches(spec: str | list[str], name: str) -> bool:
+    """PEFT's rule: a list entry equals the name or is a dotted suffix; a string is a full-match regex."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, pattern: str | list[str] | None = None) -> int | None:
+    containers = [pattern] if isinstance(pattern, str) else list(pattern or LAYER_CONTAINERS)
+    for container in containers:
+        m = re.match(rf"(?:.*\.)?{re.escape(container)}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[str]:
+    """The output layer(s) that "all-linear" leaves alone: transformers' output embeddings, else a head name."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        return {name for name, m in modules if m is head}
+    return {name for name, _ in modules if name.split(".")[-1] in HEAD_NAMES}
+
+
+def is_linear(module: nn.Module) -> bool:
+    if isinstance(module, LoraLayer):
+        return issubclass(module.base_class, nn.Linear | Conv1D)
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts, in model order.
+
+    Raises:
+        ValueError: no module matches (with the nearest module names), or a matched module's type cannot
+            be adapted (naming the module and its type).
+    """
+    modules = model_modules(model)
+    names = [n for n, _ in modules if n]
+    if config.targets == "all-linear":
+        heads = output_head_names(model, modules)
+        chosen = [(n, m) for n, m in modules if n and is_linear(m) and n not in heads]
+    else:
+        chosen = [(n, m) for n, m in modules if n and matches(config.targets, n)]
+    if config.exclude:
+        chosen = [(n, m) for n, m in chosen if not matches(config.exclude, n)]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        chosen = [(n, m) for n, m in chosen if layer_index(n, config.layers_pattern) in wanted]
+    if not chosen:
+        raise ValueError(
+            f"targets {config.targets!r} match no module of the model; {_nearest(config.targets, names)}"
+        )
+    for name, module in chosen:
+        if not is_adaptable(module):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}, which LoRA cannot adapt "
+                "(supported: Linear, Embedding, Conv2d, GPT-2 Conv1D); make the targets more specific"
+            )
+    return [n for n, _ in chosen]
+
+
+def find_modules(model: nn.Module, specs: list[str], what: str) -> list[str]:
+    """Modules named by `specs` (exact or dotted suffix), for modules_to_save. Raises if one matches none."""
+    names = [n for n, _ in model_modules(model) if n]
+    found = []
+    for spec in specs:
+        hits = [n for n in names if n == spec or n.endswith("." + spec)]
+        if not hits:
+            raise ValueError(f"{what} entry {spec!r} matches no module; {_nearest([spec], names)}")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:
+    """The shortest list form of `chosen` for adapter_config.json: the leaf names when they select exactly
+    the same modules (what PEFT writes), else the full names."""
+    leaves = sorted({n.split(".")[-1] for n in chosen})
+    names = [n for n, m in model_modules(model) if n and is_adaptable(m)]
+    if sorted(n for n in names if matches(leaves, n)) == sorted(chosen):
+        return leaves
+    return sorted(chosen)
+
+
+def _nearest(targets: str | list[str], names: list[str]) -> str:
+    leaves = sorted({n.split(".")[-1] for n in names})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    near = sorted(
+        {c for t in wanted for c in difflib.get_close_matches(t.split(".")[-1], leaves, n=5, cutoff=0.5)}
+    )
+    shown = near or leaves[:12]
+    return f"nearest module names: {', '.join(shown)}"

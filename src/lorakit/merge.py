@@ -1,0 +1,94 @@
+"""Merging active adapters into the base weights (and back out), and unloading to a plain model."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers
+from .layers import LoraLayer, unwrap, unwrap_saved
+
+
+def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Fold the active adapters (or `names`, which must be active) into W: inference at base speed.
+
+    Raises:
+        RuntimeError: something is merged already (unmerge first), or a base weight is quantized.
+        ValueError: a name in `names` is not active.
+    """
+    active = active_adapters(model)
+    names = active if names is None else list(names)
+    inactive = [n for n in names if n not in active]
+    if inactive:
+        raise ValueError(f"only active adapters can be merged; {inactive} are not active ({active})")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapters are already merged; unmerge before merging again")
+    _check_untied(model, names)
+    done: list[tuple[LoraLayer, str]] = []
+    try:
+        for layer in layers:
+            for n in names:
+                if layer.has(n):
+                    layer.merge_adapter(n)
+                    done.append((layer, n))
+    except Exception:
+        for layer, n in reversed(done):
+            layer.unmerge_adapter(n)
+        raise
+    return model
+
+
+def _check_untied(model: nn.Module, names: list[str]) -> None:
+    # A LoRA delta merged into a weight shared with another module (tied embeddings / output head) would
+    # silently change that module too. Trainable tokens are fine: the tied head applies the same rows.
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None and ".lora." not in module_name and ".lora_copies." not in module_name:
+            owners.setdefault(id(weight), []).append(module_name)
+    for module_name, layer in lora_layers(model):
+        if any(n in layer.lora for n in names) and len(owners.get(id(layer.weight), [])) > 1:
+            tied = [n for n in owners[id(layer.weight)] if n != module_name]
+            raise RuntimeError(
+                f"cannot merge LoRA into {module_name!r}: its weight is tied to {tied}, which would change too; "
+                "untie the weights first (e.g. give the output head its own copy) or keep the adapter unmerged"
+            )
+
+
+_merge_active = merge  # `unload`'s `merge` argument shadows the function
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of W (W is restored up to float rounding)."""
+    for _, layer in lora_layers(model):
+        for n in reversed(list(layer.merged)):
+            layer.unmerge_adapter(n)
+    return model
+
+
+def is_merged(model: nn.Module) -> bool:
+    return any(layer.merged for _, layer in lora_layers(model))
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every adapter and return the plain model with its original parameter names.
+
+    With `merge=True` the active adapters are merged first (a saved-module copy of the active adapter
+    replaces the original module); with `merge=False` the base comes back untouched.
+    """
+    if merge and not is_merged(model):
+        _merge_active(model)
+    elif not merge:
+        unmerge(model)
+    for name, layer in list(adapter_layers(model)):
+        if isinstance(layer, LoraLayer):
+            plain = unwrap(layer)
+        elif merge and layer.active:
+            plain = layer.lora_copies[layer.active[0]]
+        else:
+            plain = unwrap_saved(layer)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    adapter_records(model).clear()
+    model.__dict__["lorakit_active"] = []
+    return model

@@ -1,0 +1,51 @@
+"""Tiny random transformers models, built from configs: fast, offline, deterministic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def randomize_adapters(model, std: float = 0.1, seed: int = 1) -> None:
+    """Give every adapter tensor non-trivial values (B starts at 0, which would hide bugs)."""
+    from lorakit.adapters import adapter_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for name, p in sorted(layer.named_parameters()):
+                if ".lora." in f".{name}" or name.startswith(("lora.", "tokens.", "lora_copies.")):
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
