@@ -1,0 +1,56 @@
+"""`lorakit` command line: a thin dispatcher. Each concern registers its own subcommands.
+
+A command module exposes `register(subparsers)`, adding parsers whose `func(args) -> int` does the work by
+calling the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# Concern packages that contribute subcommands, in help order.
+COMMAND_MODULES = ("lorakit.train.commands", "lorakit.serve.commands", "lorakit.tools.commands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning on plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"lorakit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        if (
+            importlib.util.find_spec(name.rpartition(".")[0]) is None
+            or importlib.util.find_spec(name) is None
+        ):
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        # Errors the library raises for bad input carry a message meant for the user: no traceback.
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
