@@ -20,12 +20,14 @@ from .adapters import (
     trainable_parameters,
 )
 from .config import LoraConfig
+from .io import AdapterFileError, load_adapter, save_adapter
 from .merge import is_merged, merge, unload, unmerge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "AdapterFileError",
     "LoraConfig",
     "ParamCount",
     "active_adapters",
@@ -35,8 +37,10 @@ __all__ = [
     "disable_adapters",
     "get_adapter",
     "is_merged",
+    "load_adapter",
     "merge",
     "per_row_adapters",
+    "save_adapter",
     "set_adapter",
     "trainable_parameters",
     "unload",

@@ -47,10 +47,13 @@ class AdapterFiles:
 def adapter_dir(root: str | os.PathLike, name: str = "default") -> Path:
     """Where adapter `name` lives under `root`: the root itself for "default", else `root/name` (PEFT's rule).
 
-    A root that directly holds an adapter_config.json is taken as the adapter itself, whatever the name.
+    For another name, `root/name` when it holds an adapter, else a root that directly holds an
+    adapter_config.json is taken as the adapter itself (loading one adapter directory under a new name).
     """
     root = Path(root)
-    if name == "default" or (root / CONFIG_NAME).is_file():
+    if name == "default" or (
+        (root / name / CONFIG_NAME).is_file() is False and (root / CONFIG_NAME).is_file()
+    ):
         return root
     return root / name
 
