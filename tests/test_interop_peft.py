@@ -85,3 +85,36 @@ def test_peft_to_lorakit(case, ids, tmp_path):
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_keys_shapes_and_config_as_peft(case, tmp_path):
+    """The file lorakit writes has exactly PEFT's tensor keys and shapes, and a config PEFT reads back as ours.
+
+    PEFT also stores an adapted embedding's whole base weight (save_embedding_layers); lorakit does not
+    (the base is unchanged, and it can be large: PEFT #2898).
+    """
+    from safetensors import safe_open
+
+    make, name, ours, theirs_kwargs = CASES[case]
+    model = make()
+    lorakit.add_adapter(model, lorakit.LoraConfig(**ours), name=name)
+    mine = lorakit.save_adapter(model, tmp_path / "ours", name=name)
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**theirs_kwargs), adapter_name=name)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    peft_dir = tmp_path / "peft" if name == "default" else tmp_path / "peft" / name
+
+    def shapes(d):
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            return {
+                k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith("base_layer.weight")
+            }
+
+    assert shapes(mine) == shapes(peft_dir)
+    a = peft.LoraConfig.from_pretrained(str(mine)).to_dict()
+    b = peft.LoraConfig.from_pretrained(str(peft_dir)).to_dict()
+    for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out",
+              "modules_to_save", "trainable_token_indices", "bias", "peft_type"):  # fmt: skip
+        assert a[k] == b[k], k
+    # PEFT writes "all-linear" as the full module names, lorakit as the leaf names selecting the same modules.
+    assert {t.split(".")[-1] for t in a["target_modules"]} == {t.split(".")[-1] for t in b["target_modules"]}
