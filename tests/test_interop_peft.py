@@ -5,8 +5,21 @@ import torch
 
 import lorakit
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from lorakit.inject import find_targets
+from lorakit.io.load import _saved_modules
+from test_io import TinyConv, _inputs, _out
 
 peft = pytest.importorskip("peft")
+
+
+def tiny_llama_cls():
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama().config
+    config.num_labels = 3
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config).eval()
+
 
 LLAMA_T = ["q_proj", "v_proj", "o_proj", "down_proj"]
 GPT2_T = ["c_attn", "c_proj", "c_fc"]
@@ -29,41 +42,44 @@ CASES = {
     "gpt2-plain": (tiny_gpt2, "default", dict(r=4, targets=GPT2_T), dict(r=4, lora_alpha=8, target_modules=GPT2_T, fan_in_fan_out=True)),
     "gpt2-dora": (tiny_gpt2, "default", dict(r=4, targets=["c_attn"], use_dora=True), dict(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True)),
     "gpt2-embedding-named": (tiny_gpt2, "emb", dict(r=4, targets=["wte", "c_fc"], alpha=6), dict(r=4, lora_alpha=6, target_modules=["wte", "c_fc"], fan_in_fan_out=True)),
+    "llama-layers-exclude": (tiny_llama, "default", dict(r=2, targets=LLAMA_T, layers_to_transform=[1], exclude=["o_proj"]), dict(r=2, lora_alpha=4, target_modules=LLAMA_T, layers_to_transform=[1], exclude_modules=["o_proj"])),
+    "llama-seq-cls": (tiny_llama_cls, "default", dict(r=2, targets=["q_proj"], modules_to_save=["score"]), dict(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="SEQ_CLS")),
+    "llama-tied-tokens": (lambda: tiny_llama(tie=True), "default", dict(r=2, targets=["q_proj"], trainable_token_indices=[5, 9]), dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=[5, 9])),
+    "gpt2-bias-all": (tiny_gpt2, "default", dict(r=4, targets=["c_attn"], bias="all"), dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
+    "conv2d": (TinyConv, "default", dict(r=2, targets=["conv", "head"]), dict(r=2, lora_alpha=4, target_modules=["conv", "head"])),
     "gpt2-bias": (tiny_gpt2, "default", dict(r=4, targets=["c_attn"], bias="lora_only"), dict(r=4, lora_alpha=8, target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True)),
 }  # fmt: skip
 
 
-def _perturb_biases(model, names):
+def _perturb_biases(model, names, everywhere=False):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("bias") and any(f"{m}." in n for m in names):
+            if n.endswith("bias") and (everywhere or any(f"{m}." in n for m in names)):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_lorakit_to_peft(case, ids, tmp_path):
+def test_lorakit_to_peft(case, tmp_path):
     make, name, ours, _ = CASES[case]
     model = make()
     lorakit.add_adapter(model, lorakit.LoraConfig(**ours), name=name)
     randomize_adapters(model)
     if ours.get("bias", "none") != "none":
-        _perturb_biases(model, ours["targets"])
-    with torch.no_grad():
-        expected = model(ids).logits
-        base = make()(ids).logits
+        _perturb_biases(model, ours["targets"], everywhere=ours["bias"] == "all")
+    x = _inputs(model)
+    expected, base = _out(model, x), _out(make(), x)
     assert (expected - base).abs().max() > 1e-3  # the adapter does something
 
     out = lorakit.save_adapter(model, tmp_path, name=name)
     assert out == (tmp_path if name == "default" else tmp_path / name)
     theirs = peft.PeftModel.from_pretrained(make(), str(out), adapter_name=name).eval()
-    with torch.no_grad():
-        got = theirs(ids).logits
+    got = _out(theirs, x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_peft_to_lorakit(case, ids, tmp_path):
+def test_peft_to_lorakit(case, tmp_path):
     make, name, _, theirs_kwargs = CASES[case]
     theirs = peft.get_peft_model(make(), peft.LoraConfig(**theirs_kwargs), adapter_name=name)
     g = torch.Generator().manual_seed(1)
@@ -71,19 +87,19 @@ def test_peft_to_lorakit(case, ids, tmp_path):
         for n, p in theirs.named_parameters():
             if "lora_" in n or "modules_to_save" in n or "trainable_tokens_delta" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            elif theirs_kwargs.get("bias", "none") != "none" and n.endswith("base_layer.bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif n.endswith("bias") and theirs_kwargs.get("bias", "none") != "none":
+                if theirs_kwargs["bias"] == "all" or n.endswith("base_layer.bias"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.eval()
-    with torch.no_grad():
-        expected = theirs(ids).logits
-        assert (expected - make()(ids).logits).abs().max() > 1e-3
+    x = _inputs(theirs)
+    expected = _out(theirs, x)
+    assert (expected - _out(make(), x)).abs().max() > 1e-3
     theirs.save_pretrained(str(tmp_path))
 
     model = make()
     adapter = lorakit.load_adapter(model, tmp_path, name=name)
     assert adapter.name == name and lorakit.active_adapters(model) == [name]
-    with torch.no_grad():
-        got = model(ids).logits
+    got = _out(model, x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -114,7 +130,37 @@ def test_same_keys_shapes_and_config_as_peft(case, tmp_path):
     a = peft.LoraConfig.from_pretrained(str(mine)).to_dict()
     b = peft.LoraConfig.from_pretrained(str(peft_dir)).to_dict()
     for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out",
-              "modules_to_save", "trainable_token_indices", "bias", "peft_type"):  # fmt: skip
+              "trainable_token_indices", "bias", "peft_type"):  # fmt: skip
         assert a[k] == b[k], k
-    # PEFT writes "all-linear" as the full module names, lorakit as the leaf names selecting the same modules.
-    assert {t.split(".")[-1] for t in a["target_modules"]} == {t.split(".")[-1] for t in b["target_modules"]}
+    # Targets and modules_to_save may be written differently (PEFT: "all-linear" as full names, a task's
+    # usual head names) but must select the same modules.
+    fresh = make()
+    for cfg in (a, b):
+        cfg["target_modules"] = (
+            list(cfg["target_modules"]) if isinstance(cfg["target_modules"], set) else cfg["target_modules"]
+        )
+        cfg["modules_to_save"] = _saved_modules(fresh, list(cfg["modules_to_save"] or []))
+    ours_cfg, their_cfg = (lorakit.LoraConfig.from_peft_dict(c) for c in (a, b))
+    assert find_targets(fresh, ours_cfg) == find_targets(fresh, their_cfg)
+    assert a["modules_to_save"] == b["modules_to_save"]
+
+
+def test_peft_embedding_base_weight_must_match(tmp_path):
+    """PEFT saves an adapted embedding's base weight too; lorakit accepts it only when it is the model's own."""
+    from safetensors.torch import load_file, save_file
+
+    from test_io import _assert_unchanged, _snapshot
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    theirs.save_pretrained(str(tmp_path))
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors
+    tensors[key] = tensors[key] + 1  # e.g. an embedding resized and trained for new tokens
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(lorakit.AdapterFileError, match=r"'model\.embed_tokens'.*base weight"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)

@@ -99,11 +99,7 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
         if not t.is_floating_point():
             raise fail(f"tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
     try:
-        saved_names = (
-            find_modules(model, list(config.modules_to_save), "modules_to_save")
-            if config.modules_to_save
-            else []
-        )
+        saved_names = _saved_modules(model, config.modules_to_save or [])
         token_plan = _token_plan(model, config)
     except ValueError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
@@ -216,6 +212,15 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
                 "from the model's; resize / restore the base embedding it was trained with first"
             )
     return plan
+
+
+def _saved_modules(model: nn.Module, specs: list[str]) -> list[str]:
+    """The modules `modules_to_save` names. Entries naming no module are skipped, as PEFT does: its configs
+    for a task list every usual head name ("classifier", "score"), and a model has only one of them. A file
+    tensor for a module that is not there is still refused (as an unexpected key)."""
+    names = {n for n, _ in model_modules(model)}
+    present = [s for s in specs if any(n == s or n.endswith("." + s) for n in names)]
+    return find_modules(model, present, "modules_to_save") if present else []
 
 
 def _saved_owner(k: str, saved_names: list[str]) -> str | None:
