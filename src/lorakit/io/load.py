@@ -79,8 +79,10 @@ def load_adapter(
     config_file = files.path / CONFIG_NAME
     try:
         config = LoraConfig.from_peft_dict(files.config, source=str(config_file))
-    except (ValueError, TypeError) as err:
-        raise AdapterFileError(str(err)) from err
+    except (ValueError, TypeError, AttributeError) as err:  # wrong JSON types surface as any of these
+        raise AdapterFileError(
+            f"{config_file}: invalid config ({err})" if str(config_file) not in str(err) else str(err)
+        ) from err
     plan = _validate(model, files, config)
     if not ignore_fingerprint:
         _check_fingerprint(model, files, plan)
@@ -135,7 +137,7 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
 
     # LoRA: the modules with tensors must be exactly the ones the config targets, each complete and in shape.
     try:
-        expected = find_targets(model, config) if plan.lora or config.targets else []
+        expected = find_targets(model, config)
     except ValueError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
     missing = [n for n in expected if n not in plan.lora]

@@ -78,7 +78,8 @@ def save_adapter(
     peft = config.to_peft_dict(
         target_modules=compact_targets(model, adapter.lora_modules) if adapter.lora_modules else None
     )
-    peft["fan_in_fan_out"] = conv1d or config.fan_in_fan_out
+    # PEFT reads fan_in_fan_out as "the targets store W as (in, out)": true exactly for GPT-2's Conv1D.
+    peft["fan_in_fan_out"] = conv1d
     from .. import __version__
 
     metadata = {VERSION_KEY: __version__}
