@@ -356,3 +356,12 @@ def test_pissa_saved_as_lora_on_untouched_base(kwargs, tmp_path, ids):
     torch.testing.assert_close(_out(fresh, ids), trained, atol=1e-5, rtol=0)
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     torch.testing.assert_close(_out(theirs, ids), trained, atol=1e-5, rtol=0)
+
+
+def test_inactive_adapters_stay_frozen():
+    """Only active adapters train, whether an inactive one was added or loaded."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, targets=["q_proj"]))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, targets=["v_proj"]), name="b", activate=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora.default." in n for n in trainable)

@@ -138,6 +138,8 @@ def add_adapter(
     _freeze_base(model)
     if activate:
         set_adapter(model, name)
+    else:
+        set_adapter(model, active_adapters(model))  # re-applied so the new, inactive adapter stays frozen
     return model
 
 
