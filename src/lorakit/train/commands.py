@@ -1,0 +1,8 @@
+"""Registers the training concern's subcommands; each lives in its own `cmd_<name>.py`."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    """Add this concern's subcommands to the `lorakit` parser's subparsers."""
+    # Each command module is imported here explicitly, in help order.

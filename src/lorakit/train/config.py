@@ -1,0 +1,144 @@
+"""TrainConfig: every option of `lorakit train`, loaded from YAML with command-line overrides.
+
+The resolved config is saved beside the adapter (`train_config.yaml`), so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("sft", "cpt")
+QUANTIZE = ("none", "4bit", "8bit")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run. Field names are the CLI flags with '-' as '_'.
+
+    Args:
+        model: "default" (the embedded SmolLM2-135M-Instruct), a local HF model directory or a .gguf file.
+        data / eval_data: JSONL, CSV or Parquet files; `data=None` trains on the embedded demo dataset.
+        output: the adapter directory (checkpoints, metrics and the resolved config go inside it).
+        mode: "sft" (chat or prompt/completion rows, loss on answers only) or "cpt" (raw text, packed).
+        rank / alpha / dropout / targets: the LoRA config (alpha None: 2·rank).
+        steps / epochs: training length; at most one of them is set (neither: one epoch).
+        lr, warmup (fraction of the steps), weight_decay, max_grad_norm: AdamW with warmup + cosine decay.
+        batch_size, grad_accum: micro-batch rows and how many micro-batches make one optimizer step.
+        max_len: tokens per row (SFT) or per packed block (CPT).
+        eval_every / save_every: steps between evaluations / checkpoints (0: only at the end).
+        quantize: "none", "4bit" (NF4, QLoRA) or "8bit" base weights (bitsandbytes).
+        train_embeddings: CPT: input embeddings and output head train in full and are saved.
+        new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
+        skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
+        loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+    """
+
+    model: str = "default"
+    data: str | None = None
+    eval_data: str | None = None
+    output: str = "runs/lorakit"
+    mode: str = "sft"
+    rank: int = 16
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    quantize: str = "none"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    train_embeddings: bool = False
+    new_tokens: str | None = None
+    skip_bad_rows: bool = False
+    loss_chunk: int = 0
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the option and what was expected."""
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(
+                f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid: expected {expected}"
+            )
+
+        if self.mode not in MODES:
+            raise bad("mode", f"one of {MODES}")
+        if self.quantize not in QUANTIZE:
+            raise bad("quantize", f"one of {QUANTIZE}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise bad("rank", "a positive integer")
+        for name in ("batch_size", "grad_accum", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(name, "a positive integer")
+        for name in ("eval_every", "save_every", "loss_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("--steps and --epochs are exclusive: give one of them")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
+            raise bad("steps", "a positive integer")
+        if self.epochs is not None and not self.epochs > 0:
+            raise bad("epochs", "a positive number")
+        if not self.lr > 0:
+            raise bad("lr", "a positive number")
+        if not 0.0 <= self.warmup < 1.0:
+            raise bad("warmup", "a fraction of the steps in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "a probability in [0, 1)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Options from a YAML mapping, then `overrides` (None values are ignored: flags not given).
+
+        Raises:
+            ValueError: naming the file and the unknown option or bad value.
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        import os
+
+        import yaml
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
