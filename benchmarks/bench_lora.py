@@ -328,8 +328,10 @@ def machine(args) -> str:
 
 
 def table(res: dict) -> str:
-    tr, mem, inf = res["train_time"], res["train_mem"], res["infer"]
-    base_t, base_m = tr["base"]["median_s"], mem["base"]["peak_mb"]
+    tr, mem, inf = res.get("train_time") or {}, res.get("train_mem") or {}, res.get("infer") or {}
+    nan = float("nan")
+    base_t = tr.get("base", {}).get("median_s", nan)
+    base_m = mem.get("base", {}).get("peak_mb", nan)
     lines = [f"machine: {res['machine']}; dtype {res['dtype']}", "", "training, batch 4x256, r=16 all-linear"]
     lines.append(f"{'config':<22}{'step s':>9}{'/ base':>9}{'peak MB':>10}{'+MB over base':>15}")
     for n, t in tr.items():
@@ -359,7 +361,7 @@ def table(res: dict) -> str:
         ]  # fmt: skip
         for what, a, b in rows:
             lines.append(f"{ph:<10}{what:<36}{a:>10.3f}{b:>10.3f}")
-        lines.append(f"{ph:<10}{'base seconds':<36}{inf[f'{ph}/base']['median_s']:>10.4f}")
+        lines.append(f"{ph:<10}{'base seconds':<36}{inf.get(f'{ph}/base', {}).get('median_s', nan):>10.4f}")
     return "\n".join(lines)
 
 
@@ -378,6 +380,8 @@ def main() -> int:
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/<device>_<dtype>.json)"
     )
+    ap.add_argument("--only", default="train,mem,infer", help="phases to run, comma-separated")
+    ap.add_argument("--table", nargs="+", default=None, help="print the table of these JSON files (merged)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -390,30 +394,45 @@ def main() -> int:
         print(json.dumps(fn(args)))
         return 0
 
+    if args.table:
+        res = {}
+        for f in args.table:  # parts measured by separate --only runs, merged
+            part = json.loads(Path(f).read_text())
+            res.update({k: v for k, v in part.items() if v or k not in res})
+        print(table(res))
+        return 0
     t0 = time.time()
-    res = {"machine": machine(args), "device": args.device, "dtype": args.dtype, "threads": args.threads}
-    res["layers"] = args.layers
-    print(f"[bench] {res['machine']}", flush=True)
-    res["train_time"] = run_worker(args, "train-time")
-    print("[bench] training timed", flush=True)
-    res["train_mem"] = {}
-    for name, c in TRAIN_CONFIGS.items():
-        if c["lib"] == "peft" and args.skip_peft:
-            continue
-        res["train_mem"][name] = run_worker(args, "train-mem", name)
-    print("[bench] training memory measured", flush=True)
-    res["infer"] = run_worker(args, "infer")
-    res["seconds"] = time.time() - t0
-    text = table(res)
-    res["table"] = text
-    print(text)
     out = Path(args.out) if args.out else HERE / "results" / f"{args.device.split(':')[0]}_{args.dtype}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    res = {"machine": machine(args), "device": args.device, "dtype": args.dtype, "threads": args.threads}
+    res.update({"layers": args.layers, "train_time": {}, "train_mem": {}, "infer": {}})
+    print(f"[bench] {res['machine']}", flush=True)
+    phases = args.only.split(",")
+    if "train" in phases:
+        res["train_time"] = run_worker(args, "train-time")
+        save(out, res)  # each phase is saved as it completes, so a run cut short keeps what it measured
+        print("[bench] training timed", flush=True)
+    if "mem" in phases:
+        for name, c in TRAIN_CONFIGS.items():
+            if c["lib"] == "peft" and args.skip_peft:
+                continue
+            res["train_mem"][name] = run_worker(args, "train-mem", name)
+        save(out, res)
+        print("[bench] training memory measured", flush=True)
+    if "infer" in phases:
+        res["infer"] = run_worker(args, "infer")
+    res["seconds"] = time.time() - t0
+    res["table"] = table(res)
+    save(out, res)
+    print(res["table"])
     print(f"[bench] wrote {out} in {res['seconds']:.0f} s")
     return 0
+
+
+def save(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
