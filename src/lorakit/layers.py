@@ -77,6 +77,9 @@ class RowPlan:
 
     groups: dict[str, Tensor]
     runs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    stacks: dict = field(
+        default_factory=dict
+    )  # fast.rows: per-layer stacked factors, built inside the context
 
     def __post_init__(self) -> None:
         for name, rows in self.groups.items():

@@ -12,6 +12,9 @@ Backward, from dy (N, out), with W frozen:
     dB = s · dyᵀ u                    (out, r)
     dA = s · gᵀ D(x)                  (r, in)
     dx = dy W + s · D(g A)            (N, in)   D applied to a gradient: M ⊙ (·) / (1 - p)
+
+Since D(x) Aᵀ = ((M ⊙ x) Aᵀ) / (1 - p), the factor 1 / (1 - p) is applied to the N×r tensors u and g, never
+to an N×in one: with dropout each module makes one masked copy of x in forward and one in backward.
     db = Σ_rows dy                    (out,)    only when the bias trains
 
 What is saved for backward: x itself (the *same* tensor object the caller passed, so q/k/v, which share their
@@ -55,11 +58,6 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def _apply_mask(t: Tensor, keep: Tensor, keep_scale: float) -> Tensor:
-    """D(t) in place on t (a fresh tensor): zero the dropped entries, scale the kept ones."""
-    return t.mul_(keep).mul_(keep_scale)
-
-
 class LoraLinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ with the backward of the module docstring.
 
@@ -82,8 +80,10 @@ class LoraLinearFunction(torch.autograd.Function):
         keep, keep_scale = None, 1.0
         if p > 0.0:
             keep, keep_scale = dropout_keep_mask(tuple(x2.shape), p, seed, x.device)
-            xa = _apply_mask(xa.clone() if xa is x2 else xa, keep, keep_scale)
+            xa = xa * keep  # 1/(1-p) goes on the rank-r side: one full-size pass instead of three
         u = xa @ A.t()
+        if keep is not None:
+            u.mul_(keep_scale)
         if y.dtype == A.dtype:
             y2.addmm_(u, B.t(), alpha=scale)
         else:
@@ -103,13 +103,12 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_B:
             dB = (dya.t() @ u).mul_(s)
         if need_A or need_x:
-            g = (dya @ B).mul_(s)  # s folded into g once (N×r) instead of into dA and dx
+            # s and 1/(1-p) folded into g once (N×r) instead of into dA and dx (N×in)
+            g = (dya @ B).mul_(s * ctx.keep_scale)
         if need_A:
             xa = x.reshape(-1, x.shape[-1])
             xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
-            if keep is not None:
-                xa = _apply_mask(xa.clone() if xa.dtype == x.dtype else xa, keep, ctx.keep_scale)
-            dA = g.t() @ xa
+            dA = g.t() @ (xa if keep is None else xa * keep)
         if need_x:
             dx = dy2 @ W
             if keep is None and dx.dtype == A.dtype:
@@ -117,7 +116,7 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 t = g @ A
                 if keep is not None:
-                    _apply_mask(t, keep, ctx.keep_scale)
+                    t.mul_(keep)
                 dx.add_(t.to(dx.dtype))
             dx = dx.view(x.shape)
         if need_b and ctx.has_bias:

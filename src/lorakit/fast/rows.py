@@ -5,6 +5,12 @@ the base output in place: one matmul and one addmm_ per run. A batch sorted by a
 send) therefore costs one (x Aᵀ, addmm_) pair per adapter, the same work as a single adapter over the whole
 batch. Rows scattered over many runs are gathered with index_select and added back with index_add_ instead.
 With gradients on, the out-of-place path of the plain layer is used.
+
+At decode sizes (at most STACK_TOKENS tokens in the call) the cost is the number of small ops, not their
+arithmetic, so all of the plan's adapters on a layer run as one pair instead: u = x [A₁; …; A_k]ᵀ (every row
+against every adapter, k·r columns), u ⊙ row-mask (a row keeps only its adapter's columns), y += u [s₁B₁ … s_kB_k]ᵀ.
+The stacked factors are built on a layer's first such call inside the `per_row_adapters` context and dropped
+with the plan when it exits: they read the adapter weights as they were on entry (inference only).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import Tensor
 from .linear import add_lora_inplace
 
 MAX_RUNS = 2  # above this many runs for one adapter, one gather + one scatter beat many tiny matmuls
+STACK_TOKENS = 256  # at or below this many tokens, the stacked pair beats one pair per adapter
 
 
 def row_runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -34,6 +41,8 @@ def forward_rows(layer, x: Tensor, y: Tensor) -> Tensor:
 
     plan = layer.row_plan
     inplace = isinstance(layer, LinearLike) and not torch.is_grad_enabled()
+    if inplace and x.dim() >= 2 and x.numel() // x.shape[-1] <= STACK_TOKENS:
+        return _stacked(layer, plan, x, y)
     for name, rows in plan.groups.items():
         if name not in layer.lora:
             continue
@@ -53,4 +62,35 @@ def forward_rows(layer, x: Tensor, y: Tensor) -> Tensor:
         else:
             d = layer._branch(w, x.index_select(0, rows), None)
             y = y.index_add(0, rows, d.to(y.dtype))
+    return y
+
+
+def _stacked(layer, plan, x: Tensor, y: Tensor) -> Tensor:
+    """y += each row's adapter delta, all adapters in one (matmul, mask, addmm_); see the module docstring."""
+    key = (id(layer), x.shape[0])
+    st = plan.stacks.get(key)
+    if st is None:
+        names = [n for n in plan.groups if n in layer.lora]
+        if not names:
+            return y
+        ws = [layer.lora[n] for n in names]
+        if any(w.magnitude is not None for w in ws):
+            raise RuntimeError("per-row adapters do not support DoRA adapters")
+        A = torch.cat([w.A for w in ws])  # (R, in), R = Σ r_k
+        BT = torch.cat([w.B * w.scale for w in ws], dim=1).t().contiguous()  # (R, out)
+        mask = torch.zeros(x.shape[0], A.shape[0], dtype=A.dtype, device=A.device)
+        col = 0
+        for n, w in zip(names, ws):
+            mask[plan.groups[n].to(A.device), col : col + w.r] = 1
+            col += w.r
+        st = plan.stacks[key] = (A, BT, mask)
+    A, BT, mask = st
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    u = (x3 if x3.dtype == A.dtype else x3.to(A.dtype)) @ A.t()  # (batch, tokens, R)
+    u.mul_(mask.unsqueeze(1))
+    y2 = y.view(-1, y.shape[-1])
+    if y.dtype == A.dtype:
+        y2.addmm_(u.view(-1, u.shape[-1]), BT)
+    else:
+        y2.add_((u.view(-1, u.shape[-1]) @ BT).to(y.dtype))
     return y
