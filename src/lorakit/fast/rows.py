@@ -70,27 +70,42 @@ def _stacked(layer, plan, x: Tensor, y: Tensor) -> Tensor:
     key = (id(layer), x.shape[0])
     st = plan.stacks.get(key)
     if st is None:
-        names = [n for n in plan.groups if n in layer.lora]
-        if not names:
-            return y
-        ws = [layer.lora[n] for n in names]
-        if any(w.magnitude is not None for w in ws):
-            raise RuntimeError("per-row adapters do not support DoRA adapters")
-        A = torch.cat([w.A for w in ws])  # (R, in), R = Σ r_k
-        BT = torch.cat([w.B * w.scale for w in ws], dim=1).t().contiguous()  # (R, out)
-        mask = torch.zeros(x.shape[0], A.shape[0], dtype=A.dtype, device=A.device)
-        col = 0
-        for n, w in zip(names, ws):
-            mask[plan.groups[n].to(A.device), col : col + w.r] = 1
-            col += w.r
-        st = plan.stacks[key] = (A, BT, mask)
+        st = plan.stacks[key] = _build_stack(layer, plan, x.shape[0])
+    if st is None:
+        return y
     A, BT, mask = st
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     u = (x3 if x3.dtype == A.dtype else x3.to(A.dtype)) @ A.t()  # (batch, tokens, R)
-    u.mul_(mask.unsqueeze(1))
+    u.mul_(mask)
     y2 = y.view(-1, y.shape[-1])
     if y.dtype == A.dtype:
         y2.addmm_(u.view(-1, u.shape[-1]), BT)
     else:
         y2.add_((u.view(-1, u.shape[-1]) @ BT).to(y.dtype))
     return y
+
+
+def _build_stack(layer, plan, batch: int):
+    """(A stacked (R, in), (s·B)ᵀ stacked (R, out), row mask (batch, 1, R)) for this layer, or None."""
+    names = tuple(n for n in plan.groups if n in layer.lora)
+    if not names:
+        return None
+    ws = [layer.lora[n] for n in names]
+    if any(w.magnitude is not None for w in ws):
+        raise RuntimeError("per-row adapters do not support DoRA adapters")
+    A = torch.cat([w.A for w in ws])  # (R, in), R = Σ r_k
+    # The mask and the column scales depend only on (names, ranks, scales): shared by the plan's layers.
+    shape_key = (names, tuple(w.r for w in ws), tuple(w.scale for w in ws), batch, A.dtype, A.device)
+    shared = plan.stacks.get(shape_key)
+    if shared is None:
+        mask = torch.zeros(batch, 1, A.shape[0], dtype=A.dtype)
+        scales = torch.empty(A.shape[0], 1, dtype=A.dtype)
+        col = 0
+        for n, w in zip(names, ws):
+            mask[plan.groups[n].cpu(), :, col : col + w.r] = 1
+            scales[col : col + w.r] = w.scale
+            col += w.r
+        shared = plan.stacks[shape_key] = (mask.to(A.device), scales.to(A.device))
+    mask, scales = shared
+    BT = torch.cat([w.B for w in ws], dim=1).t().mul_(scales)  # (R, out), row k scaled by its adapter's s
+    return A, BT, mask
