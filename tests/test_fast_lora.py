@@ -196,6 +196,8 @@ def test_per_row_runs_match_single_adapter_rows(names, seq):
     x = torch.randint(3, 128, (len(names), seq), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), lorakit.per_row_adapters(model, names):
         mixed = model(x).logits
+        again = model(x).logits  # decode sizes: the second call in a context takes the stacked path
+    torch.testing.assert_close(again, mixed, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for i, n in enumerate(names):
             if n is None:

@@ -9,8 +9,9 @@ With gradients on, the out-of-place path of the plain layer is used.
 At decode sizes (at most STACK_TOKENS tokens in the call) the cost is the number of small ops, not their
 arithmetic, so all of the plan's adapters on a layer run as one pair instead: u = x [A₁; …; A_k]ᵀ (every row
 against every adapter, k·r columns), u ⊙ row-mask (a row keeps only its adapter's columns), y += u [s₁B₁ … s_kB_k]ᵀ.
-The stacked factors are built on a layer's first such call inside the `per_row_adapters` context and dropped
-with the plan when it exits: they read the adapter weights as they were on entry (inference only).
+The stacked factors are built on a layer's second such call inside one `per_row_adapters` context (the first
+uses runs, so a context entered for a single step builds nothing) and dropped with the plan when it exits:
+they hold the adapter weights as they were then (inference only).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def forward_rows(layer, x: Tensor, y: Tensor) -> Tensor:
     plan = layer.row_plan
     inplace = isinstance(layer, LinearLike) and not torch.is_grad_enabled()
     if inplace and x.dim() >= 2 and x.numel() // x.shape[-1] <= STACK_TOKENS:
-        return _stacked(layer, plan, x, y)
+        key = (id(layer), x.shape[0])
+        if key in plan.stacks:  # a second decode-sized call in this context: stacking pays from now on
+            return _stacked(layer, plan, key, x, y)
+        plan.stacks[key] = False  # the first: runs below, so a context held for one call builds nothing
     for name, rows in plan.groups.items():
         if name not in layer.lora:
             continue
@@ -65,11 +69,10 @@ def forward_rows(layer, x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
-def _stacked(layer, plan, x: Tensor, y: Tensor) -> Tensor:
+def _stacked(layer, plan, key, x: Tensor, y: Tensor) -> Tensor:
     """y += each row's adapter delta, all adapters in one (matmul, mask, addmm_); see the module docstring."""
-    key = (id(layer), x.shape[0])
-    st = plan.stacks.get(key)
-    if st is None:
+    st = plan.stacks[key]
+    if st is False:
         st = plan.stacks[key] = _build_stack(layer, plan, x.shape[0])
     if st is None:
         return y
