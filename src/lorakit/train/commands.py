@@ -6,3 +6,6 @@ from __future__ import annotations
 def register(sub) -> None:
     """Add this concern's subcommands to the `lorakit` parser's subparsers."""
     # Each command module is imported here explicitly, in help order.
+    from . import cmd_train
+
+    cmd_train.register(sub)
