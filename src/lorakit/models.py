@@ -126,7 +126,7 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def _with_adapter(model, tokenizer, adapter: str | os.PathLike):
+def _with_adapter(model, tokenizer, adapter: str | os.PathLike, ignore_fingerprint: bool = False):
     from transformers import AutoTokenizer
 
     from .io import AdapterFileError, load_adapter
@@ -142,7 +142,7 @@ def _with_adapter(model, tokenizer, adapter: str | os.PathLike):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         grow_embeddings(model, vocab_size_for(model, tokenizer))
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, ignore_fingerprint=ignore_fingerprint)
     return tokenizer
 
 
