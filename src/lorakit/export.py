@@ -55,7 +55,7 @@ def export_merged(
 
     out = Path(output)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists; choose a new directory (or pass --overwrite)")
+        raise ValueError(f"{out} exists; choose a new directory (or pass --overwrite)")
     torch_dtype = resolve_dtype(dtype) or torch.float32
     base, tokenizer = load_model(model, dtype=torch_dtype, quantize=quantize)
     dequantized = is_quantized(base) or getattr(base, "hf_quantizer", None) is not None

@@ -10,14 +10,20 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and exact match on a data file")
     p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file")
     p.add_argument("--adapter", help="adapter directory to apply (none: evaluate the base)")
-    p.add_argument("--data", required=True, help="JSONL / CSV / Parquet file (messages, prompt/completion or text)")
-    p.add_argument("--mode", choices=("auto", "sft", "cpt"), default="auto", help="auto: from the file's rows")
+    p.add_argument(
+        "--data", required=True, help="JSONL / CSV / Parquet file (messages, prompt/completion or text)"
+    )
+    p.add_argument(
+        "--mode", choices=("auto", "sft", "cpt"), default="auto", help="auto: from the file's rows"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget for exact match")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, exact_match, n")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object: loss, perplexity, exact_match, n"
+    )
     p.set_defaults(func=run)
 
 
@@ -27,9 +33,13 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
-    model, tokenizer = load_model(args.model, quantize=args.quantize, device=args.device, adapter=args.adapter)
+    model, tokenizer = load_model(
+        args.model, quantize=args.quantize, device=args.device, adapter=args.adapter
+    )
     dataset = load_eval_data(args.data, tokenizer, args.mode, args.max_len)
-    metrics = evaluate(model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    metrics = evaluate(
+        model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
     result = {k: metrics[k] for k in ("loss", "perplexity", "exact_match", "n")}
     if args.json:
         print(json.dumps({k: _finite(v) for k, v in result.items()}))

@@ -21,7 +21,9 @@ def run(args) -> int:
     from ..generation import generate_text
     from ..models import load_model
 
-    model, tokenizer = load_model(args.model, quantize=args.quantize, device=args.device, adapter=args.adapter)
+    model, tokenizer = load_model(
+        args.model, quantize=args.quantize, device=args.device, adapter=args.adapter
+    )
     text = generate_text(
         model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, chat=not args.raw
     )
