@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.data import collate
 from lorakit.train import checkpoint, loop
 from lorakit.train.loop import NonFiniteLoss, fit, lr_factor, step_rows
 from train_tiny import config, examples, model_with_adapter
@@ -51,7 +52,7 @@ def reference_train(model, rows_data, cfg):
     warmup = round(cfg.warmup * cfg.steps)
     model.train()
     for step in range(cfg.steps):
-        batch = loop.collate([rows_data[i] for i in step_rows(step, len(rows_data), G, cfg.seed)], 0)
+        batch = collate([rows_data[i] for i in step_rows(step, len(rows_data), G, cfg.seed)], 0)
         loss = model(**batch).loss  # transformers: mean over the (shifted) label tokens of the whole batch
         loss.backward()
         if cfg.max_grad_norm:
@@ -119,8 +120,7 @@ def test_unfinished_checkpoint_needs_resume(tmp_path):
     with pytest.raises(ValueError, match="unfinished run.*--resume"):
         fit(model_with_adapter(), examples(), config(tmp_path, steps=4), pad_id=0)
     with pytest.raises(ValueError, match=r"other options \(rank"):
-        m = lorakit.add_adapter(__import__("conftest").tiny_llama(), lorakit.LoraConfig(r=4))
-        fit(m, examples(), config(tmp_path, steps=4, rank=8, resume=True), pad_id=0)
+        fit(model_with_adapter(), examples(), config(tmp_path, steps=4, rank=8, resume=True), pad_id=0)
 
 
 def test_no_trainable_parameters_is_an_error(tmp_path):

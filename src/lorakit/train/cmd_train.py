@@ -8,7 +8,6 @@ prints held-out metrics before and after.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from .config import MODES, QUANTIZE, TrainConfig
@@ -35,7 +34,7 @@ def register(sub) -> None:
     g.add_argument("--rank", type=int, help="LoRA rank r")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--dropout", type=float, help="dropout on the LoRA branch input")
-    g.add_argument("--targets", type=_targets, help="'all-linear', comma-separated module names, or a regex")
+    g.add_argument("--targets", help="'all-linear', comma-separated module names, or a regex")
     g.add_argument(
         "--train-embeddings", action="store_true", default=None, help="cpt: train embeddings + head"
     )
@@ -97,10 +96,3 @@ def main(args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     return 0
-
-
-def _targets(text: str) -> str | list[str]:
-    """'all-linear' or a regex stays a string; 'q_proj,v_proj' (or one plain name) becomes a list."""
-    if text == "all-linear" or ("," not in text and re.search(r"[\\^$.*+?()\[\]{}|]", text)):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]

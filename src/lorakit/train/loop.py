@@ -25,13 +25,13 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TextIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..data import collate
+from ..losses import causal_lm_loss
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .metrics import MetricsLog, Progress, plot_loss
@@ -69,13 +69,14 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from lorakit.models import is_quantized
 
     from .evaluate import evaluate
+    from .prepare import prepare, save_prepared
 
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
     _seed(cfg.seed)
 
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
-    prepared = _prepare(cfg)
+    prepared = prepare(cfg)
     model, tokenizer = prepared.model, prepared.tokenizer
     if not is_quantized(model):
         model.to(ctx.device)
@@ -89,10 +90,9 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     train = load(train_path)
     held_out = load(eval_path) if eval_path else None
     counts = adapters.trainable_parameters(model)
-    say(f"model {cfg.model}: {counts}")
-    say(f"data {train_path}: {len(train.examples)} rows ({train.format})" + _skipped(train))
-    for note in getattr(prepared, "notes", []):
+    for note in prepared.notes:
         say(note)
+    say(f"data {train_path}: {len(train.examples)} examples ({train.format})" + _skipped(train))
 
     # 2. Held-out metrics before training (the adapter starts as the identity: B = 0).
     before = None
@@ -112,7 +112,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         after = evaluate(model, tokenizer, held_out, batch_size=cfg.batch_size) if held_out else None
         if after is not None:
             say(f"after:  {_fmt(after)}")
-        _save_adapter(prepared, output)
+        save_prepared(prepared, output)
         replace(cfg, resume=False).save(output / "train_config.yaml")
         results = {
             "before": before,
@@ -327,34 +327,6 @@ def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids (pad_id), attention_mask, labels (-100 on padding)."""
-    width = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        k = len(ex.input_ids)
-        ids[i, :k] = torch.tensor(ex.input_ids)
-        labels[i, :k] = torch.tensor(ex.labels)
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def causal_lm_loss(model, input_ids, attention_mask, labels, chunk: int = 0) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labels != -100, their count); labels are shifted here.
-
-    `chunk` is accepted for lorakit.losses' signature; this plain version always computes all logits.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
-        reduction="sum",
-    )  # fmt: skip
-    return loss, int((shift_labels != -100).sum())
-
-
 @torch.no_grad()
 def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> dict[str, float]:
     """Token-averaged loss and perplexity of `model` on `examples` (eval mode, then back to train mode)."""
@@ -406,33 +378,6 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _prepare(cfg: TrainConfig):
-    """Load the model and add a fresh LoRA adapter as `cfg` says (stand-in until lorakit.train.prepare)."""
-    import lorakit
-    from lorakit.models import load_model
-
-    if cfg.train_embeddings or cfg.new_tokens or cfg.quantize != "none":
-        raise ValueError("--train-embeddings, --new-tokens and --quantize need lorakit.train.prepare")
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
-    lora = lorakit.LoraConfig(
-        r=cfg.rank,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        targets=cfg.targets,
-        base_model_name_or_path=cfg.model,
-    )
-    lorakit.add_adapter(model, lora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return SimpleNamespace(model=model, tokenizer=tokenizer, lora_config=lora, new_token_ids=[], notes=[])
-
-
-def _save_adapter(prepared, output: Path) -> None:
-    import lorakit
-
-    lorakit.save_adapter(prepared.model, output)
 
 
 def _seed(seed: int) -> None:
