@@ -169,7 +169,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(
+            str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x
+        )
+        raise ValueError(f"{where}: not valid YAML: {problem or err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
