@@ -55,6 +55,7 @@ def main() -> int:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per micro-batch, to be killed mid-run")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: the process's device, CPU here)")
     a = p.parse_args()
     torch.set_num_threads(1)
     ctx = distributed.init()
@@ -62,7 +63,7 @@ def main() -> int:
         a.output, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, save_every=a.save_every,
         dropout=a.dropout, resume=a.resume,
     )  # fmt: skip
-    model = model_with_adapter(dropout=a.dropout)
+    model = model_with_adapter(dropout=a.dropout).to(a.device or ctx.device)
     if a.sleep:
         plain = loop.causal_lm_loss
 

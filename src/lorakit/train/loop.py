@@ -96,8 +96,11 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     # 2. Held-out metrics before training (the adapter starts as the identity: B = 0).
     before = None
+    # Exact match needs no more new tokens than the longest reference answer (+ a margin for its end).
+    max_new = min(256, max((_loss_tokens(ex) for ex in held_out.examples), default=0) + 4) if held_out else 0
+    evaluate = functools.partial(evaluate, batch_size=cfg.batch_size, max_new_tokens=max_new)
     if held_out is not None and ctx.is_main:
-        before = evaluate(model, tokenizer, held_out, batch_size=cfg.batch_size)
+        before = evaluate(model, tokenizer, held_out)
         say(f"before: {_fmt(before)}  ({eval_path}, {len(held_out.examples)} rows)")
 
     # 3. Train.
@@ -109,7 +112,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     # 4. Held-out metrics after training, then what the adapter needs, written by rank 0 only.
     results: dict[str, Any] = {}
     if ctx.is_main:
-        after = evaluate(model, tokenizer, held_out, batch_size=cfg.batch_size) if held_out else None
+        after = evaluate(model, tokenizer, held_out) if held_out else None
         if after is not None:
             say(f"after:  {_fmt(after)}")
         save_prepared(prepared, output)
@@ -177,7 +180,7 @@ def fit(
     global_batch = bs * accum * ctx.world
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n / global_batch))
     warmup = round(cfg.warmup * total)
-    loss_tokens = [sum(1 for t in ex.labels[1:] if t != -100) for ex in examples]
+    loss_tokens = [_loss_tokens(ex) for ex in examples]
     row_tokens = [len(ex.input_ids) for ex in examples]
     optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
@@ -378,6 +381,11 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _loss_tokens(example) -> int:
+    """Tokens of `example` that carry a loss (labels shifted by one, as the loss counts them)."""
+    return sum(1 for t in example.labels[1:] if t != -100)
 
 
 def _seed(seed: int) -> None:
