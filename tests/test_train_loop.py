@@ -119,6 +119,8 @@ def test_unfinished_checkpoint_needs_resume(tmp_path):
     fit(model, examples(), config(tmp_path, steps=4, save_every=2), pad_id=0)  # leaves step-000002
     with pytest.raises(ValueError, match="unfinished run.*--resume"):
         fit(model_with_adapter(), examples(), config(tmp_path, steps=4), pad_id=0)
+    with pytest.raises(ValueError, match=r"made with 4 rows per step, this run has 8"):
+        fit(model_with_adapter(), examples(), config(tmp_path, steps=4, batch_size=4, resume=True), pad_id=0)
     with pytest.raises(ValueError, match=r"other options \(rank"):
         fit(model_with_adapter(), examples(), config(tmp_path, steps=4, rank=8, resume=True), pad_id=0)
 

@@ -32,9 +32,11 @@ from safetensors.torch import load_file, save_file
 
 DIRNAME = "checkpoint"
 # Options that change what the next step computes: a resumed run must agree with the checkpoint on them.
+# The rows per optimizer step must match too (checked apart): how they split into micro-batches and
+# processes may change (e.g. 2 processes x 2 rows resumed as 1 process x 2 rows x 2 accumulation).
 MUST_MATCH = (
-    "model", "data", "mode", "rank", "alpha", "dropout", "targets", "batch_size", "grad_accum", "max_len",
-    "seed", "quantize", "train_embeddings", "new_tokens", "skip_bad_rows", "dtype",
+    "model", "data", "mode", "rank", "alpha", "dropout", "targets", "max_len", "seed", "quantize",
+    "train_embeddings", "new_tokens", "skip_bad_rows", "dtype",
 )  # fmt: skip
 
 
@@ -44,6 +46,7 @@ class Checkpoint:
 
     path: Path
     step: int
+    global_batch: int
     tokens: int
     elapsed: float
     config: dict[str, Any]
@@ -96,12 +99,14 @@ def save(
     params: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     rngs: list[dict[str, Any]],
+    global_batch: int = 0,
 ) -> Path:
     """Write checkpoint `step-<step>` atomically, point LATEST at it and delete older ones.
 
     Args:
         params: the trainable parameters by name, in the optimizer's order.
         rngs: `rng_state()` of every process, by rank.
+        global_batch: rows per optimizer step; the data position is step · global_batch rows.
     Returns:
         The checkpoint directory.
     """
@@ -121,7 +126,10 @@ def save(
                 rng_tensors[f"rank{rank}/cuda{j}"] = s.cpu()
             rng_json.append({"python": state["python"], "numpy": state["numpy"]})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        meta = {"step": step, "tokens": tokens, "elapsed": elapsed, "config": config, "rng": rng_json}
+        meta = {
+            "step": step, "rows_done": step * global_batch, "global_batch": global_batch, "tokens": tokens,
+            "elapsed": elapsed, "config": config, "rng": rng_json,
+        }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
             _fsync(f)
@@ -168,12 +176,25 @@ def load(path: str | os.PathLike) -> Checkpoint:
             j += 1
         rng.append({**states, "torch": rng_tensors[f"rank{rank}/torch"], "cuda": cuda})
     return Checkpoint(
-        path, meta["step"], meta["tokens"], meta["elapsed"], meta["config"], trainable, optimizer, rng
+        path,
+        meta["step"],
+        meta.get("global_batch", 0),
+        meta["tokens"],
+        meta["elapsed"],
+        meta["config"],
+        trainable,
+        optimizer,
+        rng,
     )
 
 
-def check_config(ckpt: Checkpoint, config: dict[str, Any]) -> None:
+def check_config(ckpt: Checkpoint, config: dict[str, Any], global_batch: int) -> None:
     """Raises ValueError listing the options where `config` differs from the checkpoint's run."""
+    if ckpt.global_batch != global_batch:
+        raise ValueError(
+            f"--resume: {ckpt.path} was made with {ckpt.global_batch} rows per step, this run has "
+            f"{global_batch} (batch size x accumulation x processes): use the same, so the data order is kept"
+        )
     diff = [
         f"{k}: checkpoint {ckpt.config.get(k)!r}, now {config.get(k)!r}"
         for k in MUST_MATCH

@@ -189,7 +189,7 @@ def fit(
     found = checkpoint.latest(output)
     if cfg.resume and found is not None:
         ckpt = checkpoint.load(found)
-        checkpoint.check_config(ckpt, cfg.to_dict())
+        checkpoint.check_config(ckpt, cfg.to_dict(), global_batch)
         checkpoint.restore(ckpt, params, optimizer, ctx.rank)
         start, tokens_before, seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
         say(f"resuming from {found} (step {start}/{total})")
@@ -216,7 +216,7 @@ def fit(
         if ctx.is_main:
             path = checkpoint.save(
                 output, step=done, tokens=tokens, elapsed=seconds_before + time.perf_counter() - t0,
-                config=cfg.to_dict(), params=params, optimizer=optimizer, rngs=rngs,
+                config=cfg.to_dict(), params=params, optimizer=optimizer, rngs=rngs, global_batch=global_batch,
             )  # fmt: skip
         distributed.barrier(ctx)
         return path or checkpoint.root(output)
