@@ -133,3 +133,20 @@ def test_no_trainable_parameters_is_an_error(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         fit(model, examples(), config(tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("option", ["loss_chunk", "gradient_checkpointing"])
+def test_memory_options_train_the_same_adapter(tmp_path, option):
+    data = examples(16)
+    plain = model_with_adapter()
+    fit(plain, data, config(tmp_path / "plain", steps=3), pad_id=0)
+    model = model_with_adapter()
+    if option == "gradient_checkpointing":
+        from lorakit.train.prepare import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+        cfg = config(tmp_path / option, steps=3, gradient_checkpointing=True)
+    else:
+        cfg = config(tmp_path / option, steps=3, loss_chunk=8)
+    fit(model, data, cfg, pad_id=0)
+    assert_same(adapter_state(model), adapter_state(plain), atol=1e-5)
