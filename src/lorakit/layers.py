@@ -281,9 +281,26 @@ class LinearLike(LoraLayer):
         return LF.delta_weight(w.A, w.B, w.scale)
 
     def add_tokens(self, name: str, indices: list[int]) -> TokenWeights:
-        # An output head tied to the input embedding: its rows are the embedding's rows, so the same
-        # replacement values (shared with the embedding's TokenWeights by the caller) apply to its outputs.
-        raise ValueError("trainable tokens on a Linear are only set up through a tied embedding")
+        """Trainable output rows of an untied head (a tied head shares its embedding's TokenWeights, set
+        up by the caller): `values` (n, in) replace rows `indices` of W (out, in), i.e. those logits."""
+        if not isinstance(self, nn.Linear):
+            raise ValueError(
+                f"trainable tokens need an Embedding or a Linear, not a {self.base_class.__name__}"
+            )
+        if not self.weight.is_floating_point():
+            raise ValueError("trainable tokens on a quantized Linear are not supported")
+        if name in self.tokens:
+            raise ValueError(f"adapter {name!r} already has trainable tokens on this layer")
+        bad = [i for i in indices if not 0 <= i < self.out_features]
+        if bad:
+            raise ValueError(
+                f"trainable token indices {bad} are outside the output rows (0..{self.out_features - 1})"
+            )
+        idx = torch.tensor(indices, device=self.weight.device)
+        values = self.weight.detach()[idx].to(adapter_dtype(self.weight)).clone()
+        t = TokenWeights(list(indices), values, self.out_features)
+        self.tokens[name] = t
+        return t
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         cols = F.linear(x.to(t.values.dtype), t.values).to(y.dtype)  # (..., n)
