@@ -41,6 +41,8 @@ def one(args) -> dict:
     p = prepare(cfg, model=model, tokenizer=tokenizer, device=args.device)
     model = p.model
     rss_ready = _rss_mib()
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    weights_mib = round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)
     cuda = args.device is not None and str(args.device).startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -66,6 +68,7 @@ def one(args) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "gradient_checkpointing": args.checkpointing,
+        "weights_mib": weights_mib,  # bytes of every parameter and buffer (quantized ones as stored)
         "rss_ready_mib": rss_ready,  # resident after prepare(), before the step
         "rss_after_step_mib": _rss_mib(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -136,10 +139,10 @@ def main() -> None:
     print(
         "\n| quantize | RSS ready MiB | RSS after step MiB | peak RSS MiB | CUDA weights MiB | CUDA peak MiB | s/step |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['quantize']} | {r['rss_ready_mib']} | {r['rss_after_step_mib']} | {r['peak_rss_mib']} | "
+            f"| {r['quantize']} | {r['weights_mib']} | {r['rss_ready_mib']} | {r['rss_after_step_mib']} | {r['peak_rss_mib']} | "
             f"{r['cuda_weights_mib']} | {r['cuda_peak_mib']} | {r['step_seconds']} |"
         )
 
