@@ -137,7 +137,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        "\n| quantize | RSS ready MiB | RSS after step MiB | peak RSS MiB | CUDA weights MiB | CUDA peak MiB | s/step |"
+        "\n| quantize | weights MiB | RSS ready MiB | RSS after step MiB | peak RSS MiB | CUDA weights MiB | CUDA peak MiB | s/step |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -118,9 +118,14 @@ def main() -> None:
 
     from lorakit.models import load_model
 
-    base, base_tok = load_model(args.model)
-    before = nats_per_char(base, base_tok, held)
-    del base
+    cached = out / "base_nats_per_char.json"  # the base model's figure, kept between runs of the example
+    if cached.is_file() and json.loads(cached.read_text())["held_out"] == held:
+        before = json.loads(cached.read_text())["nats_per_char"]
+    else:
+        base, base_tok = load_model(args.model)
+        before = nats_per_char(base, base_tok, held)
+        del base
+        cached.write_text(json.dumps({"held_out": held, "nats_per_char": before}, ensure_ascii=False))
     print(f"base model, held-out runes: {before:.3f} nats/char", flush=True)
 
     cpt = out / "cpt"
