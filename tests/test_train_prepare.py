@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -118,11 +120,10 @@ def test_train_embeddings_saved_and_reloaded(base_dir):
     randomize_adapters(p.model)
     out = save_prepared(p, tmp / "adapter")
     full = [k for k in _file_keys(out) if ".lora_" not in k]
-    assert full == (
-        ["base_model.model.model.embed_tokens.weight"]
-        if tied
-        else ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
-    )
+    # Tied or not, the head's weight is in the file (PEFT's ensure_weight_tying expects it when tied).
+    assert full == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config.get("ensure_weight_tying", False) == tied
     model, _ = load_model(str(tmp / "base"), adapter=out)
     p.model.eval()
     with torch.no_grad():
@@ -252,3 +253,43 @@ def test_quantized_prepare_and_backward(tmp_path, quantize):
     p.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, p.model(ids).logits)
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True], ids=["new-rows", "full-embeddings"])
+def test_peft_loads_prepared_adapters(base_dir, train_embeddings):
+    from peft import PeftModel
+
+    tmp, tied = base_dir
+    cfg = TrainConfig(
+        model=str(tmp / "base"), new_tokens=str(tmp / "new.txt"), rank=4, train_embeddings=train_embeddings
+    )
+    p = prepare(cfg)
+    randomize_adapters(p.model)
+    if train_embeddings:
+        with torch.no_grad():
+            copy = p.model.model.embed_tokens.lora_copies["default"].weight
+            copy.add_(0.1 * torch.randn_like(copy))
+    out = save_prepared(p, tmp / "adapter")
+    base = tiny_llama(vocab=102, tie=tied)
+    grow_embeddings(base, 105)  # PEFT users resize to len(tokenizer) first; the new rows are replaced anyway
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = _ids(p.tokenizer)
+    p.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, p.model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_tied_head_copy_must_match_embedding(tmp_path):
+    tok = tiny_tokenizer()
+    tiny_llama(vocab=len(tok), tie=True).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    p = prepare(TrainConfig(model=str(tmp_path / "base"), train_embeddings=True, rank=4))
+    out = save_prepared(p, tmp_path / "adapter")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] + 1
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    model, _ = load_model(str(tmp_path / "base"))
+    with pytest.raises(ValueError, match="is tied to 'model.embed_tokens'"):
+        load_adapter(model, out)

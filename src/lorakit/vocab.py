@@ -43,6 +43,11 @@ def read_new_tokens(path: str | os.PathLike, tokenizer) -> list[str]:
             raise ValueError(
                 f"{path}:{i}: token {token!r} is already in the tokenizer's vocabulary (id {vocab[token]})"
             )
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:  # byte-level vocabularies store "ä" as "Ã¤": compare by what it encodes to
+            raise ValueError(
+                f"{path}:{i}: token {token!r} is already one token of the tokenizer (id {ids[0]})"
+            )
         seen[token] = i
     if not seen:
         raise ValueError(f"{path}: no tokens; expected one new token per line")

@@ -106,6 +106,9 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
     except ValueError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
 
+    # Output heads tied to a saved embedding follow its copy; PEFT (ensure_weight_tying) also writes them.
+    tied_heads = _tied_heads(model, saved_names)
+    tied_found: dict[str, dict[str, Tensor]] = {}
     plan = _Plan()
     for k, t in files.tensors.items():
         parsed = keys.parse(k)
@@ -125,9 +128,12 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
             plan.base_weights[parsed[0]] = t
         else:
             owner = _saved_owner(k, saved_names)
+            tied_owner = _saved_owner(k, list(tied_heads))
             module = k[len(keys.PREFIX) : -len(".bias")] if k.startswith(keys.PREFIX) else None
             if owner is not None:
                 plan.saved.setdefault(owner, {})[k[len(keys.PREFIX) + len(owner) + 1 :]] = t
+            elif tied_owner is not None:
+                tied_found.setdefault(tied_owner, {})[k[len(keys.PREFIX) + len(tied_owner) + 1 :]] = t
             elif config.bias == "all" and k.endswith(".bias") and module in modules:
                 plan.biases[module] = t
             else:
@@ -203,6 +209,15 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
                     f"modules_to_save {n!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(base[k].shape)}"
                 )
 
+    for head, found in tied_found.items():
+        weight = plan.saved.get(tied_heads[head], {}).get("weight")
+        extra = sorted(set(found) - {"weight"})
+        if extra or weight is None or not torch.equal(found["weight"], weight):
+            raise fail(
+                f"modules_to_save: {head!r} is tied to {tied_heads[head]!r}, but the file's "
+                f"{keys.PREFIX}{head}.weight differs from it (or carries {extra})"
+            )
+
     for n, t in plan.biases.items():
         bias = modules[n]._parameters.get("bias")
         if bias is None or bias.shape != t.shape:
@@ -227,6 +242,19 @@ def _saved_modules(model: nn.Module, specs: list[str]) -> list[str]:
     names = {n for n, _ in model_modules(model)}
     present = [s for s in specs if any(n == s or n.endswith("." + s) for n in names)]
     return find_modules(model, present, "modules_to_save") if present else []
+
+
+def _tied_heads(model: nn.Module, saved_names: list[str]) -> dict[str, str]:
+    """{output Linear name: the saved Embedding its weight is tied to} (as adapters._tie_saved_heads)."""
+    out = {}
+    for n in saved_names:
+        emb = model.get_submodule(n)
+        if not isinstance(emb, nn.Embedding):
+            continue
+        for h, m in model_modules(model):
+            if h not in saved_names and isinstance(m, nn.Linear) and getattr(m, "weight", None) is emb.weight:
+                out[h] = n
+    return out
 
 
 def _saved_owner(k: str, saved_names: list[str]) -> str | None:

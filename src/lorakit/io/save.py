@@ -72,6 +72,11 @@ def save_adapter(
         copy = model.get_submodule(module_name).lora_copies[name]
         for k, v in copy.state_dict().items():
             tensors[f"{keys.PREFIX}{module_name}.{k}"] = v.detach()
+    for module_name in adapter.tied_modules:
+        # PEFT (ensure_weight_tying) expects the tied head's copy too; same values, its own storage.
+        copy = model.get_submodule(module_name).lora_copies[name]
+        for k, v in copy.state_dict().items():
+            tensors[f"{keys.PREFIX}{module_name}.{k}"] = v.detach().clone()
     tensors.update(_biases(model, adapter))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

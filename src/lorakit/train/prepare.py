@@ -48,8 +48,13 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # what was done, one line each, for the run log
 
 
-def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Prepared:
+def prepare(
+    cfg: TrainConfig, model=None, tokenizer=None, device: str | torch.device | None = None
+) -> Prepared:
     """Load `cfg.model` (or take `model`/`tokenizer` as given) and set it up for training as `cfg` asks.
+
+    `device` is where the model is loaded (a quantized model is quantized there: move a quantized model
+    with this, not with .to() afterwards); None: CPU. The adapter is created on the model's device.
 
     Raises:
         FileNotFoundError / ValueError: as load_model, read_new_tokens (naming FILE:LINE) and LoraConfig.
@@ -57,7 +62,7 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None) -> Prepared:
     """
     notes: list[str] = []
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=device)
         notes.append(f"model {cfg.model}: {type(model).__name__}, quantize={cfg.quantize}")
     new_ids: list[int] = []
     if cfg.new_tokens:
