@@ -44,6 +44,40 @@ def register(sub) -> None:
     _output_args(p)
     p.set_defaults(func=_convert)
 
+    _register_sweep(sub)
+
+
+def _register_sweep(sub) -> None:
+    """`lorakit sweep --ranks 4 8 16 [train options]`: the train command's own options (one definition,
+    borrowed from `lorakit.train.cmd_train.register`), plus --ranks."""
+    description = (
+        "Train one adapter per rank with the same data, steps and seed (the options of `lorakit train`), "
+        "then print and plot held-out metric and trainable parameters against rank. --output is the "
+        "sweep's root (default runs/sweep): OUTPUT/r<rank>/ per run, OUTPUT/sweep.json and OUTPUT/sweep.png."
+    )
+    try:
+        from lorakit.train import cmd_train
+    except ImportError:  # training is not part of this install
+        return
+
+    class _Into:
+        """Hands cmd_train.register our sweep parser instead of a new `train` parser."""
+
+        def __init__(self, parser):
+            self.parser = parser
+
+        def add_parser(self, name, **kwargs):
+            return self.parser
+
+    p = sub.add_parser("sweep", help="train each rank on the same data; metric and size against rank",
+                       description=description)  # fmt: skip
+    cmd_train.register(_Into(p))
+    p.add_argument(
+        "--ranks", type=int, nargs="+", required=True, help="the ranks to train, e.g. 4 8 16 32 64"
+    )
+    p.add_argument("--retrain", action="store_true", help="train every rank again, even one already done")
+    p.set_defaults(func=_sweep)
+
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="directory of the new adapter")
@@ -109,3 +143,23 @@ def _report(args, rows: list[tuple[str, str, float]], as_json: list[dict], notes
           f"mean {sum(errs) / len(errs):.4f}")  # fmt: skip
     for note in notes:
         print(f"note: {note}")
+
+
+def _sweep(args) -> int:
+    from lorakit.train.cmd_train import resolve
+
+    from .sweep import format_table, sweep
+
+    if args.rank is not None:
+        raise ValueError("sweep: give the ranks with --ranks, not --rank")
+    if args.output is None:
+        args.output = "runs/sweep"
+    if args.resume:
+        raise ValueError(
+            "sweep: --resume does not apply; a sweep reuses the ranks already done unless --retrain"
+        )
+    base = resolve(args)
+    summary = sweep(base, args.ranks, args.output, reuse=not args.retrain)
+    print(format_table(summary))
+    print(f"wrote {args.output}/sweep.json and {args.output}/sweep.png")
+    return 0

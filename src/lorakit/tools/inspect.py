@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import functional as LF
 from .adapter_file import open_adapter
+from .plot import pyplot, save_figure
 from .resize import energy_kept, rank_for_energy
 
 
@@ -116,11 +117,7 @@ def format_info(info: dict[str, Any]) -> str:
 
 def plot_spectrum(info: dict[str, Any], path: str | os.PathLike) -> None:
     """A PNG of the energy kept against rank: one thin line per module, the worst module in bold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     spec = info["spectrum"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     longest = max(len(s["energy"]) for s in spec.values())
@@ -138,19 +135,5 @@ def plot_spectrum(info: dict[str, Any], path: str | os.PathLike) -> None:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
-
-
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    """Atomic PNG write: a temporary file beside `path`, then os.replace."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
