@@ -233,3 +233,20 @@ def test_convert_refuses_fp16_overflow(tmp_path):
     with pytest.raises(ValueError, match="outside the range of fp16; use --dtype bf16"):
         convert(tmp_path / "a", tmp_path / "out", "fp16")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", [0.5, -3.0])
+def test_functional_factor_svd_against_dense(scale):
+    from lorakit import functional as LF
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(6, 40, generator=g), torch.randn(24, 6, generator=g)
+    dense = LF.delta_weight(A.double(), B.double(), scale)
+    U, S, Vh = LF.delta_svd(A, B, scale)
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:6])  # rank 6: the rest are 0
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, dense)
+    assert LF.delta_norm(A, B, scale) == pytest.approx(float(dense.norm()), rel=1e-9)
+    A2, B2 = LF.svd_factors(U, S, Vh, 2, scale)
+    torch.testing.assert_close(LF.delta_weight(A2, B2, scale), best_rank_k(dense, 2))
+    Ac, Bc = LF.concat_factors([(A.double(), B.double(), scale), (A2, B2, -2.0 * scale)])
+    torch.testing.assert_close(Bc @ Ac, dense - 2.0 * best_rank_k(dense, 2))
