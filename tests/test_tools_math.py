@@ -138,9 +138,9 @@ def test_linear_is_approximate_and_reports_its_error(tmp_path):
     # One input with weight w: linear is exact (no cross terms), with the weight applied once.
     combine([tmp_path / "a"], tmp_path / "one", weights=[-2.0], method="linear")
     assert_close(loaded(tmp_path / "one"), {n: -2.0 * t for n, t in da.items()})
+    make(tmp_path, "r6", CFG_B)
     with pytest.raises(ValueError, match="equal ranks"):
-        combine([tmp_path / "a", tmp_path / "a2" if make(tmp_path, "a2", CFG_B) else None], tmp_path / "x",
-                method="linear")  # fmt: skip
+        combine([tmp_path / "a", tmp_path / "r6"], tmp_path / "x", method="linear")
     assert not (tmp_path / "x").exists()
 
 
@@ -245,6 +245,7 @@ def test_functional_factor_svd_against_dense(scale):
     U, S, Vh = LF.delta_svd(A, B, scale)
     torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:6])  # rank 6: the rest are 0
     torch.testing.assert_close(U @ torch.diag(S) @ Vh, dense)
+    torch.testing.assert_close(LF.delta_singular_values(A, B, scale), S)
     assert LF.delta_norm(A, B, scale) == pytest.approx(float(dense.norm()), rel=1e-9)
     A2, B2 = LF.svd_factors(U, S, Vh, 2, scale)
     torch.testing.assert_close(LF.delta_weight(A2, B2, scale), best_rank_k(dense, 2))

@@ -173,6 +173,14 @@ def delta_svd(A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor, Tenso
     return qb @ uc, S, vhc @ qa.t()
 
 
+def delta_singular_values(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """The singular values of ΔW = s · B @ A (float64, descending, min(r, in, out) of them), as `delta_svd`
+    computes them but from the R factors alone (no Q, no singular vectors): cheaper for inspection."""
+    rb = torch.linalg.qr(B.double(), mode="r").R
+    ra = torch.linalg.qr(A.double().t(), mode="r").R
+    return torch.linalg.svdvals((rb @ ra.t()) * abs(scale))
+
+
 def svd_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """LoRA factors of the rank-`rank` truncation of U diag(S) Vh, for an adapter with scaling `scale`.
 

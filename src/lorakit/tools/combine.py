@@ -35,12 +35,6 @@ METHODS = ("cat", "svd", "linear")
 
 
 @dataclass
-class CombineReport:
-    modules: list[ModuleCombine]
-    notes: list[str]
-
-
-@dataclass
 class ModuleCombine:
     """One module of the result: its rank and ‖ΔW_C - Σ wᵢΔWᵢ‖_F / ‖Σ wᵢΔWᵢ‖_F, measured on the written
     (rounded) factors."""
@@ -48,6 +42,12 @@ class ModuleCombine:
     name: str
     rank: int
     rel_error: float
+
+
+@dataclass
+class CombineReport:
+    modules: list[ModuleCombine]
+    notes: list[str]
 
 
 def combine(

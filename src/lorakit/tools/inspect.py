@@ -63,7 +63,7 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
     if spectrum:
         spec = {}
         for name, m in view.modules.items():
-            _, S, _ = LF.delta_svd(m.A, m.B, m.scale)
+            S = LF.delta_singular_values(m.A, m.B, m.scale)
             spec[name] = {
                 "singular_values": [float(x) for x in S],
                 "energy": [float(x) for x in energy_kept(S)],
