@@ -251,3 +251,29 @@ def test_functional_factor_svd_against_dense(scale):
     torch.testing.assert_close(LF.delta_weight(A2, B2, scale), best_rank_k(dense, 2))
     Ac, Bc = LF.concat_factors([(A.double(), B.double(), scale), (A2, B2, -2.0 * scale)])
     torch.testing.assert_close(Bc @ Ac, dense - 2.0 * best_rank_k(dense, 2))
+
+
+def test_peft_written_inputs(tmp_path):
+    """Adapters saved by PEFT itself (rsLoRA, rank / alpha patterns, task_type) are read as PEFT means them."""
+    import peft
+
+    pm = peft.get_peft_model(
+        tiny_llama(),
+        peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM",
+                        rank_pattern={"o_proj": 3}, alpha_pattern={"layers.1.self_attn.q_proj": 5}),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(tmp_path / "p"))
+    want = peft_deltas(tmp_path / "p")
+    db = make(tmp_path, "b", CFG_B, seed=2)
+    combine([tmp_path / "p", tmp_path / "b"], tmp_path / "out", weights=[-1.0, 0.25])
+    total = {n: -want.get(n, 0) + 0.25 * db.get(n, 0) for n in {*want, *db}}
+    assert_close(peft_deltas(tmp_path / "out"), total)
+    resize(tmp_path / "p", tmp_path / "r", rank=2)
+    assert_close(loaded(tmp_path / "r"), {n: best_rank_k(t, 2) for n, t in want.items()})
+    cfg = json.loads((tmp_path / "r" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["target_modules"] and cfg["use_rslora"] is False
