@@ -152,14 +152,16 @@ def _sweep(args) -> int:
 
     if args.rank is not None:
         raise ValueError("sweep: give the ranks with --ranks, not --rank")
-    if args.output is None:
-        args.output = "runs/sweep"
     if args.resume:
         raise ValueError(
             "sweep: --resume does not apply; a sweep reuses the ranks already done unless --retrain"
         )
     base = resolve(args)
-    summary = sweep(base, args.ranks, args.output, reuse=not args.retrain)
+    # The sweep's root: --output, else the config file's output, else runs/sweep (not train's default).
+    from lorakit.train import TrainConfig
+
+    output = args.output or (base.output if base.output != TrainConfig.output else "runs/sweep")
+    summary = sweep(base, args.ranks, output, reuse=not args.retrain)
     print(format_table(summary))
-    print(f"wrote {args.output}/sweep.json and {args.output}/sweep.png")
+    print(f"wrote {output}/sweep.json and {output}/sweep.png")
     return 0
