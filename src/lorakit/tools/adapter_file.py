@@ -167,9 +167,7 @@ def open_adapter(path: str | os.PathLike) -> AdapterView:
     return AdapterView(files.path, files.config, config, modules, other, files.metadata, files.tensors)
 
 
-def build_config(
-    template: dict, ranks: dict[str, int], same_modules: bool, drop: tuple[str, ...] = ()
-) -> dict:
+def build_config(template: dict, ranks: dict[str, int], same_modules: bool) -> dict:
     """The adapter_config.json of an output whose module `m` has rank `ranks[m]` and scaling 1.
 
     `template` is an input's config (its other keys, e.g. task_type, are kept). r is the most common rank,
@@ -178,7 +176,7 @@ def build_config(
     template's modules, so its target keys stay; otherwise target_modules lists the modules by name.
     """
     r = Counter(ranks.values()).most_common(1)[0][0]
-    cfg = {k: v for k, v in template.items() if k not in drop}
+    cfg = dict(template)
     pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
     cfg.update(
         r=r,
