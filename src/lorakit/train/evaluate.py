@@ -1,0 +1,159 @@
+"""Evaluation: mean token loss, perplexity and greedy exact match of a model on a Dataset.
+
+No adapter logic lives here: evaluate whatever model it is given (a base, a model with adapters, a merged one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Dataset, collate
+from ..data.formats import render
+
+# Generation stops this many tokens after the reference's length: a longer output cannot match it (only
+# whitespace would be stripped), so decoding further only costs time.
+SLACK_TOKENS = 16
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
+    """Loss, perplexity and (for SFT data) greedy exact match of `model` on `dataset`.
+
+    loss: the mean cross-entropy over every loss token (labels != -100) of the dataset; perplexity = exp(loss).
+    exact_match: the fraction of rows whose greedy answer, generated from the row's prompt (stopped at EOS or
+    after `max_new_tokens`), equals the reference answer after stripping surrounding whitespace. None for "text".
+
+    Returns:
+        {"loss", "perplexity", "exact_match", "n" (examples), "tokens" (loss tokens),
+         "samples" (up to 3 dicts {"reference", "generated"})}. The model's train/eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = _device(model)
+        pad_id = _pad_id(tokenizer)
+        total, count = 0.0, 0
+        for i in range(0, len(dataset.examples), batch_size):
+            batch = {
+                k: v.to(device) for k, v in collate(dataset.examples[i : i + batch_size], pad_id).items()
+            }
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
+            count += int((labels != -100).sum())
+        loss = total / count if count else float("nan")
+        result = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "exact_match": None,
+            "n": len(dataset.examples),
+            "tokens": count,
+            "samples": [],
+        }
+        if dataset.format != "text":
+            refs = [ex.answer for ex in dataset.examples]
+            budget = max(len(ex.input_ids) - len(ex.prompt_ids) for ex in dataset.examples) + SLACK_TOKENS
+            outs = generate_answers(
+                model,
+                tokenizer,
+                [ex.prompt_ids for ex in dataset.examples],
+                min(max_new_tokens, budget),
+                batch_size,
+            )
+            hits = [o.strip() == r.strip() for o, r in zip(outs, refs)]
+            result["exact_match"] = sum(hits) / len(hits)
+            result["samples"] = [{"reference": r, "generated": o} for r, o in list(zip(refs, outs))[:3]]
+        return result
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 8
+) -> list[str]:
+    """Greedy answers to `prompts`, batched and left-padded, each stopped at its first EOS.
+
+    Args:
+        prompts: each one of: a list of token ids (used as is), a list of chat messages (rendered with the chat
+            template and a generation prompt), or a string (with a chat template: one user turn; else raw text).
+        max_new_tokens: the most tokens generated per prompt.
+
+    Returns:
+        The decoded answers (special tokens dropped), in the order of `prompts`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        ids = [_prompt_ids(tokenizer, p) for p in prompts]
+        order = sorted(
+            range(len(ids)), key=lambda i: len(ids[i])
+        )  # similar lengths share a batch: less padding
+        out: list[str] = [""] * len(ids)
+        device, pad_id, eos = _device(model), _pad_id(tokenizer), _eos_ids(model, tokenizer)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
+                mask[row, width - len(ids[i]) :] = 1
+            gen = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad_id,
+                eos_token_id=sorted(eos) or None,
+            )
+            for row, i in enumerate(chunk):
+                new = gen[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+                out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if getattr(tokenizer, "chat_template", None):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            return tokenizer(prompt)["input_ids"]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return tokenizer(render(tokenizer, list(prompt), True), add_special_tokens=False)["input_ids"]
+    raise ValueError(
+        f"a prompt must be a string, a list of token ids or a list of messages, got {prompt!r:.80}"
+    )
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
+    return {int(t) for t in eos}
