@@ -13,7 +13,7 @@ def test_sweep_two_ranks(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(24)]
-    for name, part in (("train.jsonl", rows[:16]), ("eval.jsonl", rows[16:])):
+    for name, part in (("train.jsonl", rows[:16]), ("eval.jsonl", rows[16:20])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     argv = ["sweep", "--ranks", "4", "2", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
             "--eval-data", str(tmp_path / "eval.jsonl"), "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
