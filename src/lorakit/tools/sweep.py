@@ -100,6 +100,11 @@ def plot_sweep(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     exact = summary["metric"] == "exact_match"
     values = [x["metric"] * 100 if exact else x["metric"] for x in runs]
     ax.plot(ranks, values, "o-", color="tab:blue", lw=2)
+    for r, v in zip(ranks, values):
+        ax.annotate(f"{v:.1f}" if exact else f"{v:.3g}", (r, v), textcoords="offset points", xytext=(0, 7),
+                    ha="center", color="tab:blue", fontsize=8)  # fmt: skip
+    if exact:
+        ax.set_ylim(0, 105)
     ax.set_ylabel("held-out exact match (%)" if exact else "held-out perplexity", color="tab:blue")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
