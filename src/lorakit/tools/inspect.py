@@ -96,12 +96,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"trained tokens {info['trainable_token_indices']}")
     width = max(len(n) for n in info["modules"])
     lines.append("")
-    header = f"{'module':<{width}}  rank  alpha   scale  shape"
+    header = f"{'module':<{width}}  rank  alpha   scale  {'ΔW shape':>11}"
     if "spectrum" in info:
         header += f"  kept@r/2  rank@{info['energy']:.0%}"
     lines.append(header)
     for name, m in info["modules"].items():
-        row = f"{name:<{width}}  {m['rank']:>4}  {m['alpha']:>5g}  {m['scale']:>6.3g}  {m['shape'][0]}x{m['shape'][1]}"
+        row = f"{name:<{width}}  {m['rank']:>4}  {m['alpha']:>5g}  {m['scale']:>6.3g}  {'x'.join(map(str, m['shape'])):>11}"
         if "spectrum" in info:
             s = info["spectrum"][name]
             half = s["energy"][max(0, len(s["energy"]) // 2 - 1)]
