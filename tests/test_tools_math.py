@@ -175,14 +175,18 @@ def test_resize_by_energy_writes_rank_pattern(tmp_path):
     assert_close(got, {m.name: best_rank_k(da[m.name], m.rank_after) for m in rep.modules})
 
 
-def test_resize_gpt2_conv1d_and_embedding(tmp_path):
-    """fan_in_fan_out (GPT-2 Conv1D) and an Embedding LoRA (lora_embedding_A/B) survive resize, in PEFT too."""
+def test_gpt2_conv1d_and_embedding(tmp_path):
+    """fan_in_fan_out (GPT-2 Conv1D) and an Embedding LoRA (lora_embedding_A/B) survive resize and combine,
+    in PEFT too."""
     cfg = lorakit.LoraConfig(r=5, alpha=10, targets=["c_attn", "wte"])
     da = make(tmp_path, "a", cfg, seed=6, model_fn=tiny_gpt2)
     resize(tmp_path / "a", tmp_path / "out", rank=2)
     want = {n: best_rank_k(t, 2) for n, t in da.items()}
     assert_close(loaded(tmp_path / "out", tiny_gpt2), want)
     assert_close(peft_deltas(tmp_path / "out", tiny_gpt2), want)
+    db = make(tmp_path, "b", cfg.replace(r=3, alpha=2.0, use_rslora=True), seed=7, model_fn=tiny_gpt2)
+    combine([tmp_path / "a", tmp_path / "b"], tmp_path / "cat", weights=[-0.5, 1.5])
+    assert_close(peft_deltas(tmp_path / "cat", tiny_gpt2), {n: -0.5 * da[n] + 1.5 * db[n] for n in da})
 
 
 def test_outputs_give_peft_logits_equal_to_lorakit(tmp_path, ids):
