@@ -148,3 +148,76 @@ def pissa_factors(W: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tens
     A = root.unsqueeze(1) * Vh[:r]
     B = U[:, :r] * root.unsqueeze(0)
     return A, B, W.float() - delta_weight(A, B, scale)
+
+
+# -- ΔW from its factors, without forming the (out, in) matrix ---------------------------------------------
+# Adapter tools (inspect --spectrum, resize, combine) work on Linear-shaped factors: a Conv2d's A is
+# flattened to (r, in·kh·kw) and B to (out, r) by the caller; an Embedding's (r, num) / (dim, r) already are.
+
+
+def delta_svd(A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ΔW = s · B @ A computed from the factors: ΔW = U diag(S) Vh.
+
+    With B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR), ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ, so the SVD of the small
+    (r × r) core gives the SVD of ΔW in O(r²·(in + out)) instead of O(in·out·min(in, out)), exactly.
+
+    Args:
+        A: (r, in). B: (out, r). scale: s (any sign).
+    Returns:
+        U (out, k), S (k,) descending, Vh (k, in) in float64, k = min(r, in, out).
+    """
+    A, B = A.double(), B.double()
+    qb, rb = torch.linalg.qr(B)
+    qa, ra = torch.linalg.qr(A.t())
+    uc, S, vhc = torch.linalg.svd((rb @ ra.t()) * scale, full_matrices=False)
+    return qb @ uc, S, vhc @ qa.t()
+
+
+def delta_singular_values(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """The singular values of ΔW = s · B @ A (float64, descending, min(r, in, out) of them), as `delta_svd`
+    computes them but from the R factors alone (no Q, no singular vectors): cheaper for inspection."""
+    rb = torch.linalg.qr(B.double(), mode="r").R
+    ra = torch.linalg.qr(A.double().t(), mode="r").R
+    return torch.linalg.svdvals((rb @ ra.t()) * abs(scale))
+
+
+def svd_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """LoRA factors of the rank-`rank` truncation of U diag(S) Vh, for an adapter with scaling `scale`.
+
+    The singular values are split evenly (A = √(S/|s|)·Vh, B = ±U·√(S/|s|)), so s · B @ A equals
+    U[:, :k] diag(S[:k]) Vh[:k] (the best rank-k approximation, Eckart–Young) up to rounding.
+
+    Returns:
+        A (k, in), B (out, k) in the input dtype, k = min(rank, len(S)).
+    """
+    k = min(rank, S.shape[0])
+    root = (S[:k] / abs(scale)).sqrt()
+    sign = 1.0 if scale > 0 else -1.0
+    return root.unsqueeze(1) * Vh[:k], U[:, :k] * (root * sign).unsqueeze(0)
+
+
+def delta_norm(A: Tensor, B: Tensor, scale: float) -> float:
+    """‖s · B @ A‖_F without forming the matrix: ‖BA‖² = trace((BᵀB)(AAᵀ)). A: (r, in), B: (out, r)."""
+    A, B = A.double(), B.double()
+    sq = ((B.t() @ B) * (A @ A.t())).sum().clamp_min(0.0)
+    return float(sq.sqrt()) * abs(scale)
+
+
+def concat_factors(factors: list[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
+    """One pair of scale-1 factors for Σᵢ sᵢ · Bᵢ @ Aᵢ, exactly: A stacked, B side by side.
+
+    Each coefficient sᵢ (a LoRA scaling times a user weight, any sign) is applied once, split as
+    √|sᵢ| on Aᵢ and ±√|sᵢ| on Bᵢ so both halves keep comparable magnitudes:
+        [±√|s₁|B₁, ±√|s₂|B₂, …] @ [√|s₁|A₁; √|s₂|A₂; …] = Σᵢ sᵢ Bᵢ Aᵢ.
+
+    Args:
+        factors: (A (rᵢ, in), B (out, rᵢ), sᵢ) per term; ranks may differ.
+    Returns:
+        A (Σrᵢ, in), B (out, Σrᵢ).
+    """
+    As, Bs = [], []
+    for A, B, s in factors:
+        root = abs(s) ** 0.5
+        As.append(A * root)
+        Bs.append(B * (root if s >= 0 else -root))
+    return torch.cat(As, dim=0), torch.cat(Bs, dim=1)

@@ -1,0 +1,11 @@
+"""Adapter tools working on adapter files, no base model needed: inspect, resize, combine, convert, sweep.
+
+Each lives in its own module; `commands.py` is the thin CLI. All ΔW math goes through `lorakit.functional`.
+"""
+
+from .combine import combine
+from .convert import convert
+from .inspect import inspect_adapter
+from .resize import resize
+
+__all__ = ["combine", "convert", "inspect_adapter", "resize"]
