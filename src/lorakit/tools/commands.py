@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 def _register_sweep(sub) -> None:
     """`lorakit sweep --ranks 4 8 16 [train options]`: the train command's own options (one definition,
-    borrowed from `lorakit.train.cmd_train.register`), plus --ranks."""
+    from `lorakit.train.cmd_train.add_train_arguments`), plus --ranks."""
     description = (
         "Train one adapter per rank with the same data, steps and seed (the options of `lorakit train`), "
         "then print and plot held-out metric and trainable parameters against rank. --output is the "
@@ -60,18 +60,9 @@ def _register_sweep(sub) -> None:
     except ImportError:  # training is not part of this install
         return
 
-    class _Into:
-        """Hands cmd_train.register our sweep parser instead of a new `train` parser."""
-
-        def __init__(self, parser):
-            self.parser = parser
-
-        def add_parser(self, name, **kwargs):
-            return self.parser
-
     p = sub.add_parser("sweep", help="train each rank on the same data; metric and size against rank",
                        description=description)  # fmt: skip
-    cmd_train.register(_Into(p))
+    cmd_train.add_train_arguments(p)
     p.add_argument(
         "--ranks", type=int, nargs="+", required=True, help="the ranks to train, e.g. 4 8 16 32 64"
     )

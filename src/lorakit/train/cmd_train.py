@@ -19,6 +19,12 @@ def register(sub) -> None:
         help="train a LoRA adapter (no arguments: the embedded demo on the default model)",
         description=__doc__.split("\n\n", 1)[1],
     )
+    add_train_arguments(p)
+    p.set_defaults(func=main)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a training run (shared with `lorakit sweep`); all default to None = not given."""
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="options as YAML; flags override it")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="'default', a local HF model directory or a .gguf file")
@@ -59,7 +65,6 @@ def register(sub) -> None:
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
     g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
     g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
-    p.set_defaults(func=main)
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
