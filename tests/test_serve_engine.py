@@ -195,3 +195,27 @@ def test_registry_remove_waits_for_running_requests(setup):
     reg.release("a2")
     assert "a2" not in lorakit.adapter_records(model)
     assert reg.acquire("a1") and reg.loaded() == ["a1"]
+
+
+def test_model_modules_is_named_modules_without_adapter_internals():
+    from conftest import tiny_llama
+    from lorakit.inject import model_modules
+    from lorakit.layers import LoraLayer, SavedModule
+
+    m = tiny_llama(tie=True)
+    lorakit.add_adapter(
+        m, lorakit.LoraConfig(r=2, targets="all-linear", trainable_token_indices=[3]), name="x"
+    )
+    lorakit.add_adapter(m, lorakit.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["norm"]), name="y")
+    skip, want = [], []
+    for name, module in m.named_modules():  # the definition, written the slow way
+        if any(name.startswith(s + ".") or name == s for s in skip):
+            continue
+        if isinstance(module, LoraLayer):
+            skip += [f"{name}.lora", f"{name}.tokens"]
+        if isinstance(module, SavedModule):
+            skip.append(f"{name}.lora_copies")
+        want.append((name, module))
+    got = model_modules(m)
+    assert [n for n, _ in got] == [n for n, _ in want] and all(a is b for (_, a), (_, b) in zip(got, want))
+    assert any(n.endswith("q_proj") for n, _ in got) and not any(".lora." in f"{n}." for n, _ in got)

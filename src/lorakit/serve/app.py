@@ -193,7 +193,7 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
                 ) from None
             reqs.append(E.Request(
                 list(ids), adapter, max_tokens, 1.0 if body.temperature is None else body.temperature,
-                1.0 if body.top_p is None else body.top_p, body.seed, body.stops(),
+                1.0 if body.top_p is None else body.top_p, body.seed, body.stops(), body.ignore_eos,
                 on_delta=lambda r, d: loop.call_soon_threadsafe(events.put_nowait, (r, d)),
                 on_done=lambda r: done(r, loop, events),
             ))  # fmt: skip

@@ -49,6 +49,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens tokens whatever they are (benchmarks)
     on_delta: Callable[[Request, str], None] | None = None
     on_done: Callable[[Request], None] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -223,6 +224,12 @@ class Engine:
             self._prefill(req)
         with self._cv:
             self._waiting.extendleft(reversed(blocked))
+        # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA
+        # path computes on views, one matmul pair per adapter.
+        order = sorted(range(len(self._rows)), key=lambda i: (self._rows[i].req.adapter or "", i))
+        if order != list(range(len(self._rows))):
+            self._rows = [self._rows[i] for i in order]
+            self._cache.keep(order)
 
     def _prefill(self, req: Request) -> None:
         gen = None
@@ -269,7 +276,7 @@ class Engine:
         token = next_token(logits, req.temperature, req.top_p, row.generator)
         req.completion_tokens += 1
         self.tokens += 1
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.ignore_eos:
             self._emit(row, row.text.finish())
             self._finish(row, "stop")
             return False

@@ -42,6 +42,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (benchmarks)
 
     @model_validator(mode="after")
     def _neutral_only(self):
