@@ -219,3 +219,23 @@ def test_model_modules_is_named_modules_without_adapter_internals():
     got = model_modules(m)
     assert [n for n, _ in got] == [n for n, _ in want] and all(a is b for (_, a), (_, b) in zip(got, want))
     assert any(n.endswith("q_proj") for n, _ in got) and not any(".lora." in f"{n}." for n, _ in got)
+
+
+def test_adapter_loads_between_steps_of_running_requests(setup):
+    model_dir, dirs, tok, prompts, refs = setup
+    eng, reg = make_engine(setup, max_batch=8)
+    started = threading.Event()
+    long = Request(prompts[1], "a1", 100, temperature=0, ignore_eos=True, on_delta=lambda r, d: started.set())
+    with eng:
+        eng.submit(long)
+        assert started.wait(60)
+        eng.call(lambda: reg.add("late", dirs["a4"])).result(60)
+        assert not long.done.is_set()  # the load ran between two steps; it did not wait for the request
+        late = eng.generate([Request(prompts[4], "late", 24, temperature=0)], 60)[0]
+        eng.call(lambda: reg.remove("late")).result(60)
+        long.done.wait(60)
+    assert late.output_ids == refs[4]  # a4's file under another name gives a4's outputs
+    ref, _ = load_model(str(model_dir))
+    lorakit.load_adapter(ref, dirs["a1"], name="a1")
+    assert long.output_ids == reference(ref, prompts[1], "a1", 100, eos=()) and len(long.output_ids) == 100
+    assert "late" not in lorakit.adapter_records(eng.model)
