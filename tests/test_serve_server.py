@@ -99,6 +99,11 @@ def test_greedy_matches_offline_per_adapter(server):
             assert r.choices[0].text == expected(server, prompt, model), (model, prompt)
             assert r.usage.prompt_tokens == len(server["tok"].encode(prompt))
     tok = server["tok"]
+    r = c.completions.create(model="a1", prompt=["hello", "a"], max_tokens=12, temperature=0)  # two choices
+    assert [ch.text for ch in r.choices] == [expected(server, "hello", "a1"), expected(server, "a", "a1")]
+    ids = tok.encode("hello")  # a prompt given as token ids
+    r = c.completions.create(model="a1", prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == expected(server, "hello", "a1")
     messages = [{"role": "user", "content": "hi there"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     want = tok.decode(reference(server["ref"], ids["input_ids"], "a2", 10), skip_special_tokens=True)
