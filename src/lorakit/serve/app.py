@@ -194,7 +194,7 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
             reqs.append(E.Request(
                 list(ids), adapter, max_tokens, 1.0 if body.temperature is None else body.temperature,
                 1.0 if body.top_p is None else body.top_p, body.seed, body.stops(), body.ignore_eos,
-                on_delta=lambda r, d: loop.call_soon_threadsafe(events.put_nowait, (r, d)),
+                on_delta=lambda r, d: post(loop, events, (r, d)),
                 on_done=lambda r: done(r, loop, events),
             ))  # fmt: skip
         try:
@@ -223,6 +223,8 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
                 if not r.done.is_set():
                     engine.cancel(r)
         failed = next((r for r in reqs if r.finish_reason == "error"), None)
+        if failed is not None and (failed.error or "").startswith("KeyError"):  # deleted while it waited
+            raise APIError(404, f"the model {body.model!r} does not exist", "model", "model_not_found")
         if failed is not None:
             raise APIError(500, f"generation failed: {failed.error}")
         choices = [
@@ -236,7 +238,7 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
 
     def done(r: E.Request, loop, events: asyncio.Queue) -> None:
         metrics.completion(len(r.prompt_ids), r.completion_tokens, (r.finished or 0) - r.submitted)
-        loop.call_soon_threadsafe(events.put_nowait, (r, None))
+        post(loop, events, (r, None))
 
     async def sse(reqs, events, meta, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         index = {r.id: i for i, r in enumerate(reqs)}
@@ -274,6 +276,14 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
                     engine.cancel(r)
 
     return app
+
+
+def post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item: tuple) -> None:
+    """Hand an engine event to the request's event loop (from the engine thread)."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:  # the loop has closed (server shutting down): nobody is listening any more
+        pass
 
 
 def usage(reqs: list[E.Request]) -> dict:
