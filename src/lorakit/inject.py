@@ -17,19 +17,26 @@ HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out", "output")
 
 
 def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """named_modules() without lorakit's own adapter sub-modules (A/B holders, saved copies)."""
-    skip: list[str] = []
-    out = []
-    for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, LoraWeights | TokenWeights):
-            continue
-        if isinstance(module, LoraLayer):
-            skip += [f"{name}.lora", f"{name}.tokens"]
-        if isinstance(module, SavedModule):
-            skip.append(f"{name}.lora_copies")
+    """named_modules() without lorakit's own adapter sub-modules (A/B holders, saved copies).
+
+    One walk that never enters those sub-modules (linear in the model's size: per-row serving calls this for
+    every decode step). Same order and names as named_modules(), each module once.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(name: str, module: nn.Module) -> None:
+        if id(module) in seen or isinstance(module, LoraWeights | TokenWeights):
+            return
+        seen.add(id(module))
         out.append((name, module))
+        skip = ("lora", "tokens") if isinstance(module, LoraLayer) else ()
+        skip = ("lora_copies",) if isinstance(module, SavedModule) else skip
+        for child_name, child in module._modules.items():
+            if child is not None and child_name not in skip:
+                walk(f"{name}.{child_name}" if name else child_name, child)
+
+    walk("", model)
     return out
 
 

@@ -1,0 +1,10 @@
+"""Serving one base model with many adapters: a continuous-batching engine and an OpenAI-compatible server.
+
+The engine (`Engine`, `Request`) and the adapter registry are plain library code; the HTTP layer
+(`lorakit.serve.app`) needs fastapi and uvicorn (`pip install 'lorakit[serve]'`).
+"""
+
+from .engine import Engine, Request
+from .registry import AdapterAccessError, AdapterConflict, AdapterRegistry
+
+__all__ = ["AdapterAccessError", "AdapterConflict", "AdapterRegistry", "Engine", "Request"]

@@ -1,0 +1,91 @@
+"""`lorakit serve`: one base model, many adapters, an OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
+        description="Serve a base model and many LoRA adapters (continuous batching, one adapter per row).",
+    )
+    p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to serve as model NAME (repeatable)")  # fmt: skip
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="allow POST /v1/adapters to load adapters from under DIR (off without it)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-adapters", type=int, default=8, metavar="N",
+                   help="adapters kept loaded at once; least recently used ones are unloaded beyond it")  # fmt: skip
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, metavar="N",
+                   help="largest max_tokens a request may ask for")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests decoded together")
+    p.add_argument("--max-len", type=int, metavar="N",
+                   help="longest prompt + completion (default: the model's max_position_embeddings)")  # fmt: skip
+    p.add_argument("--model-name", help="the base model's name in requests (default: from --model)")
+    p.add_argument("--dtype", help="parameter dtype, e.g. bf16 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
+    p.set_defaults(func=run)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """NAME=DIR strings -> {name: dir}. Raises ValueError for a malformed or repeated entry."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def base_name_of(model: str) -> str:
+    return model if model == "default" else Path(model).expanduser().name.removesuffix(".gguf") or model
+
+
+def build(args: argparse.Namespace):
+    """(app, engine) from parsed arguments: the model loaded and every --adapter loaded once (validated)."""
+    import torch
+
+    from lorakit.models import load_model
+
+    from .app import create_app
+    from .engine import Engine
+    from .registry import AdapterRegistry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_adapters < 1:
+        raise ValueError(f"--max-adapters {args.max_adapters}: expected at least 1")
+    adapters = parse_adapters(args.adapter)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    base = args.model_name or base_name_of(args.model)
+    registry = AdapterRegistry(model, base, root=args.adapter_root, max_loaded=args.max_adapters)
+    for name, path in adapters.items():
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--adapter {name}={path}: no such directory")
+        registry.add(name, path)
+    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len)
+    app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap)
+    return app, engine
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'", file=sys.stderr)
+        return 1
+    app, _ = build(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,314 @@
+"""The serving engine: one thread that decodes every running request together, each row with its own adapter.
+
+The loop, top to bottom (`Engine._loop`):
+1. run queued calls (`Engine.call`): adapter loads and deletes mutate the model, so they happen here, between
+   forwards, and hold the batch back only for as long as they take;
+2. admit waiting requests while the batch has room: pin the request's adapter (loading it on demand), prefill
+   the prompt alone (batch 1, its own KV cache) and sample its first token;
+3. one forward for the whole batch, one new token per row, under `lorakit.per_row_adapters` (row i uses its own
+   adapter, None = base); the rows' caches are kept together by `BatchCache` (left padding, masks, per-row
+   positions), so a row's greedy output does not depend on the other rows;
+4. sample each row (its own generator when seeded), release text, retire finished rows.
+
+Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the engine thread
+and must be quick (the HTTP layer hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+import lorakit
+
+from .kvcache import BatchCache, new_cache
+from .registry import AdapterRegistry
+from .sampling import TextStream, next_token
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. Inputs first; the engine fills the rest. `adapter` None: the base model.
+
+    temperature 0 is greedy; `seed` makes sampling reproducible whatever the batch. Stops at an end-of-sequence
+    token, a `stop` string (cut from the text) or `max_tokens` tokens.
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens tokens whatever they are (benchmarks)
+    on_delta: Callable[[Request, str], None] | None = None
+    on_done: Callable[[Request], None] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Filled by the engine:
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    submitted: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Row:
+    req: Request
+    text: TextStream
+    generator: torch.Generator | None
+    last: int = 0
+
+
+class Engine:
+    """Continuous batching over one model. Start it with `start()` (or use it as a context manager).
+
+    Args:
+        model, tokenizer: as `lorakit.models.load_model` returns them.
+        registry: the adapters requests may name (None: base model only).
+        max_batch: most rows decoded together; more requests wait.
+        max_len: longest prompt + completion, in tokens (default: the model's max_position_embeddings).
+    """
+
+    def __init__(self, model, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
+                 max_len: int | None = None) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.registry = model, tokenizer, registry
+        self.max_batch = max_batch
+        self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.device = next(model.parameters()).device
+        eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+        self.eos_ids = {int(e) for e in eos if e is not None}
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._rows: list[_Row] = []
+        self._cache = BatchCache(model.config)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # batched decode forwards
+        self.rows_stepped = 0  # sum of their batch sizes
+        self.tokens = 0  # tokens sampled
+
+    # -- any thread --------------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        """Raises ValueError when the prompt plus `max_tokens` does not fit the context."""
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_len + max_tokens > self.max_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_len} tokens; the request needs "
+                f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)"
+            )
+
+    def submit(self, req: Request) -> Request:
+        """Queue `req`; returns it. Raises ValueError (see `check`), KeyError for an unknown adapter."""
+        self.check(len(req.prompt_ids), req.max_tokens)
+        if req.adapter is not None and (self.registry is None or not self.registry.is_known(req.adapter)):
+            raise KeyError(f"no adapter named {req.adapter!r}")
+        req.submitted = time.perf_counter()
+        with self._cv:
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` at the next step (finish_reason "cancelled")."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the engine thread between two steps; the future holds its result or exception."""
+        future: Future = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify_all()
+        return future
+
+    def generate(self, requests: list[Request], timeout: float | None = None) -> list[Request]:
+        """Submit `requests` together and wait for all of them (a convenience for scripts and tests)."""
+        for r in requests:
+            self.submit(r)
+        for r in requests:
+            if not r.done.wait(timeout):
+                raise TimeoutError(f"request {r.id} did not finish within {timeout} s")
+        return requests
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- engine thread -----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._calls or self._rows or self._waiting):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    calls, self._calls = list(self._calls), deque()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as err:  # handed to the caller through the future
+                            future.set_exception(err)
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as err:  # a failed forward fails the requests in it, not the server
+                    for row in self._rows:
+                        self._finish(row, "error", f"{type(err).__name__}: {err}")
+                    self._rows, self._cache = [], BatchCache(self.model.config)
+        for row in self._rows:
+            self._finish(row, "cancelled")
+        for req in self._waiting:
+            self._done(req, "cancelled")
+
+    def _admit(self) -> None:
+        blocked = []
+        while self._waiting and len(self._rows) < self.max_batch:
+            with self._cv:
+                req = self._waiting.popleft()
+            if req.cancelled:
+                self._done(req, "cancelled")
+                continue
+            try:
+                if req.adapter is not None and not self.registry.acquire(req.adapter):
+                    blocked.append(req)  # every adapter slot is held by running rows: wait for one to end
+                    continue
+            except Exception as err:
+                self._done(req, "error", f"{type(err).__name__}: {err}")
+                continue
+            self._prefill(req)
+        with self._cv:
+            self._waiting.extendleft(reversed(blocked))
+        # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA
+        # path computes on views, one matmul pair per adapter.
+        order = sorted(range(len(self._rows)), key=lambda i: (self._rows[i].req.adapter or "", i))
+        if order != list(range(len(self._rows))):
+            self._rows = [self._rows[i] for i in order]
+            self._cache.keep(order)
+
+    def _prefill(self, req: Request) -> None:
+        gen = None
+        if req.seed is not None and req.temperature > 0:
+            gen = torch.Generator().manual_seed(req.seed)
+        row = _Row(req, TextStream(self.tokenizer, req.stop), gen)
+        try:
+            cache = new_cache(self.model.config)
+            ids = torch.tensor([req.prompt_ids], device=self.device)
+            kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
+            with lorakit.per_row_adapters(self.model, [req.adapter]):
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        except Exception as err:
+            self._finish(row, "error", f"{type(err).__name__}: {err}")
+            return
+        req.first_token = time.perf_counter()
+        if self._advance(row, out.logits[0, -1]):
+            self._rows.append(row)
+            self._cache.add(cache, len(req.prompt_ids))
+
+    def _step(self) -> None:
+        ids = torch.tensor([[row.last] for row in self._rows], device=self.device)
+        mask, positions = self._cache.step_inputs(self.device)
+        with lorakit.per_row_adapters(self.model, [row.req.adapter for row in self._rows]):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=self._cache.cache, use_cache=True,
+            )  # fmt: skip
+        self._cache.advance()
+        self.steps += 1
+        self.rows_stepped += len(self._rows)
+        logits = out.logits[:, -1]
+        keep = [i for i, row in enumerate(self._rows) if self._advance(row, logits[i])]
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._cache.keep(keep)
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Sample the row's next token and release its text; False when the row is finished."""
+        req = row.req
+        if req.cancelled:
+            self._finish(row, "cancelled")
+            return False
+        token = next_token(logits, req.temperature, req.top_p, row.generator)
+        req.completion_tokens += 1
+        self.tokens += 1
+        if token in self.eos_ids and not req.ignore_eos:
+            self._emit(row, row.text.finish())
+            self._finish(row, "stop")
+            return False
+        req.output_ids.append(token)
+        self._emit(row, row.text.push(token))
+        if row.text.stopped:
+            self._finish(row, "stop")
+            return False
+        if len(req.output_ids) >= req.max_tokens:
+            self._emit(row, row.text.finish())
+            self._finish(row, "length")
+            return False
+        row.last = token
+        return True
+
+    def _emit(self, row: _Row, delta: str) -> None:
+        if delta and row.req.on_delta is not None:
+            row.req.on_delta(row.req, delta)
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        row.req.text = row.text.text
+        if row.req.adapter is not None:
+            self.registry.release(row.req.adapter)
+        self._done(row.req, reason, error)
+
+    def _done(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error = reason, error
+        req.finished = time.perf_counter()
+        if req.on_done is not None:
+            req.on_done(req)
+        req.done.set()
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, list | tuple) else [x]

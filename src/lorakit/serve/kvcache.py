@@ -1,0 +1,91 @@
+"""The KV cache of a decode batch whose rows come and go (continuous batching).
+
+Each request is prefilled alone into its own `DynamicCache` (batch 1, so its prompt never sees padding). It then
+joins the running batch: its keys and values are left-padded with zeros to the batch's width (or the batch is
+left-padded to its length) and concatenated on the batch dimension. Every decode step appends one column for all
+rows, so the rows stay right-aligned; the attention mask hides each row's padding columns and `position_ids`
+give each row its own positions, so a row computes what it would compute alone. Finished rows are dropped and
+padding columns no row needs any more are trimmed from the left.
+
+Only full-attention `DynamicLayer` caches are supported (Llama, Qwen2, GPT-2, ... without sliding windows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache for one request. Raises ValueError for a model whose cache layers are not full attention."""
+    cache = DynamicCache(config=config)
+    bad = [type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer]
+    if bad:
+        raise ValueError(
+            f"serving needs full-attention KV caches; this model uses {sorted(set(bad))} (sliding window?)"
+        )
+    return cache
+
+
+class BatchCache:
+    """The batch's cache (`cache`, rows left-padded to `width` columns) and each row's real length.
+
+    Row i's real tokens are the last `lengths[i]` columns; the columns before them are padding.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.cache: DynamicCache | None = None
+        self.lengths: list[int] = []
+        self.width = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, row: DynamicCache, length: int) -> None:
+        """Append a prefilled batch-1 cache holding `length` tokens as the last row."""
+        if self.cache is None or not self.lengths:
+            self.cache, self.lengths, self.width = row, [length], length
+            return
+        grow = max(length - self.width, 0)
+        for mine, theirs in zip(self.cache.layers, row.layers):
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, grow), _pad_left(theirs.keys, self.width + grow - length)]
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, grow), _pad_left(theirs.values, self.width + grow - length)]
+            )
+        self.width += grow
+        self.lengths.append(length)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices into the current batch, in the new order) and trim shared padding."""
+        if not rows:
+            self.cache, self.lengths, self.width = None, [], 0
+            return
+        index = torch.tensor(rows, device=self.cache.layers[0].keys.device)
+        self.lengths = [self.lengths[i] for i in rows]
+        cut = self.width - max(self.lengths)  # leading columns that are padding in every row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+        self.width -= cut
+
+    def step_inputs(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(attention_mask (B, width + 1), position_ids (B, 1)) for a forward of one new token per row."""
+        lengths = torch.tensor(self.lengths, device=device)
+        columns = torch.arange(self.width + 1, device=device)
+        mask = (columns.unsqueeze(0) >= (self.width - lengths).unsqueeze(1)).long()
+        return mask, lengths.unsqueeze(1)
+
+    def advance(self) -> None:
+        """Record that the forward appended one column to every row."""
+        self.width += 1
+        self.lengths = [n + 1 for n in self.lengths]
+
+
+def _pad_left(t: Tensor, n: int) -> Tensor:
+    # (B, H, T, D) -> (B, H, n + T, D) with zeros in front; masked out, so their value never matters.
+    return F.pad(t, (0, 0, n, 0)) if n > 0 else t

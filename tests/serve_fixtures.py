@@ -1,0 +1,61 @@
+"""Shared setup for the serve tests: a tiny Llama + tokenizer on disk, random adapters, a greedy reference."""
+
+from __future__ import annotations
+
+import torch
+
+import lorakit
+from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+
+ADAPTERS = ("a1", "a2", "a3", "a4")
+
+
+def build(tmp_path, adapters=ADAPTERS):
+    """Save a tiny Llama (with the tiny tokenizer) and one random adapter per name; returns (model_dir, {name: dir})."""
+    model_dir = tmp_path / "tiny"
+    base = tiny_llama(seed=0)
+    # Larger logits than the random init gives: greedy choices are then far from ties, as in a trained model.
+    with torch.no_grad():
+        base.lm_head.weight.mul_(8)
+    base.generation_config.eos_token_id = 2
+    base.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    dirs = {}
+    for i, name in enumerate(adapters):
+        m = tiny_llama(seed=0)
+        lorakit.add_adapter(m, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+        randomize_adapters(m, std=0.3, seed=10 + i)
+        dirs[name] = tmp_path / "adapters" / name
+        lorakit.save_adapter(m, dirs[name])
+    return model_dir, dirs
+
+
+def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
+    """Plain greedy decoding, one request, no batching: `set_adapter` (or the base with adapters disabled)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt_ids])
+    cache, out = DynamicCache(config=model.config), []
+    with torch.inference_mode():
+        if adapter is None:
+            ctx = lorakit.disable_adapters(model)
+        else:
+            lorakit.set_adapter(model, adapter)
+            ctx = _null()
+        with ctx:
+            for _ in range(max_tokens):
+                logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+                token = int(torch.argmax(logits))
+                if token in eos:
+                    break
+                out.append(token)
+                ids = torch.tensor([[token]])
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
