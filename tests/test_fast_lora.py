@@ -187,11 +187,15 @@ def test_fallbacks_still_correct(ids):
 
 
 @pytest.mark.parametrize("seq", [7, 60])  # 5×7 tokens: the stacked decode path; 5×60 > STACK_TOKENS: runs
-@pytest.mark.parametrize("names", [["a", "a", "b", None, "b"], ["b", "a", None, "a", "b"]])
+# Three adapters meet on q_proj / up_proj in the last case: STACK_AT_ONCE, stacked from the first call.
+@pytest.mark.parametrize(
+    "names", [["a", "a", "b", None, "b"], ["b", "a", None, "a", "b"], ["c", "a", "b", None, "c"]]
+)
 def test_per_row_runs_match_single_adapter_rows(names, seq):
     model = tiny_llama()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
     lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=8, targets=["q_proj", "up_proj"]), name="b")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=3, targets=["q_proj", "up_proj"]), name="c")
     randomize_adapters(model)
     x = torch.randint(3, 128, (len(names), seq), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), lorakit.per_row_adapters(model, names):

@@ -9,8 +9,9 @@ With gradients on, the out-of-place path of the plain layer is used.
 At decode sizes (at most STACK_TOKENS tokens in the call) the cost is the number of small ops, not their
 arithmetic, so all of the plan's adapters on a layer run as one pair instead: u = x [A₁; …; A_k]ᵀ (every row
 against every adapter, k·r columns), u ⊙ row-mask (a row keeps only its adapter's columns), y += u [s₁B₁ … s_kB_k]ᵀ.
-The stacked factors are built on a layer's second such call inside one `per_row_adapters` context (the first
-uses runs, so a context entered for a single step builds nothing) and dropped with the plan when it exits:
+The stacked factors are built on a layer's second such call inside one `per_row_adapters` context, or on the
+first when STACK_AT_ONCE or more adapters meet on the layer (a server enters one context per decode step), and
+dropped with the plan when it exits:
 they hold the adapter weights as they were then (inference only).
 """
 
@@ -23,6 +24,7 @@ from .linear import add_lora_inplace
 
 MAX_RUNS = 2  # above this many runs for one adapter, one gather + one scatter beat many tiny matmuls
 STACK_TOKENS = 256  # at or below this many tokens, the stacked pair beats one pair per adapter
+STACK_AT_ONCE = 3  # adapters on a layer from which stacking pays even for a single call
 
 
 def row_runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -46,7 +48,12 @@ def forward_rows(layer, x: Tensor, y: Tensor) -> Tensor:
         key = (id(layer), x.shape[0])
         if key in plan.stacks:  # a second decode-sized call in this context: stacking pays from now on
             return _stacked(layer, plan, key, x, y)
-        plan.stacks[key] = False  # the first: runs below, so a context held for one call builds nothing
+        plan.stacks[key] = False
+        # Building the stack is ~4 small ops; the runs cost 2 per adapter. With STACK_AT_ONCE adapters or more
+        # it pays on the first call (a server enters one context per decode step); with fewer, the first call
+        # takes runs, so a context held for a single call with one or two adapters builds nothing.
+        if sum(n in layer.lora for n in plan.groups) >= STACK_AT_ONCE:
+            return _stacked(layer, plan, key, x, y)
     for name, rows in plan.groups.items():
         if name not in layer.lora:
             continue
