@@ -237,3 +237,11 @@ def test_real_chatml_template_masks_only_the_answers(tmp_path):
     first = tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
     assert labelled[0] == len(ids(tok, first))  # the generation prompt is not trained on
     assert ex.prompt_ids == ex.input_ids[: len(ex.prompt_ids)] and ex.answer == "4"
+
+
+def test_demo_defaults_are_a_valid_train_config():
+    from lorakit.data import DEMO_DEFAULTS
+    from lorakit.train.config import TrainConfig
+
+    cfg = TrainConfig(**DEMO_DEFAULTS)
+    assert cfg.data is None and cfg.steps == DEMO_DEFAULTS["steps"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama, tiny_tokenizer
-from lorakit.data import collate, demo_paths, load_dataset
+from lorakit.data import DEMO_DEFAULTS, collate, demo_paths, load_dataset
 from lorakit.train import evaluate as ev_mod
 from lorakit.train.evaluate import evaluate, generate_answers
 
@@ -121,7 +121,7 @@ def test_demo_is_not_solved_by_the_base_model():
     from lorakit.models import load_model
 
     model, tok = load_model("default")
-    ds = load_dataset(demo_paths()[1], tok, max_len=128)
+    ds = load_dataset(demo_paths()[1], tok, max_len=DEMO_DEFAULTS["max_len"])  # every row fits
     ds.examples = ds.examples[:8]
     got = evaluate(model, tok, ds, batch_size=8, max_new_tokens=16)
     assert got["exact_match"] <= 0.125, got["samples"]
