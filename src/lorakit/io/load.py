@@ -175,16 +175,20 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
         if n not in plan.tokens:
             raise fail(f"missing key {keys.key(n, 'tokens')!r} for trainable tokens of module {n!r}")
         emb = modules[n]
-        bad = [i for i in ids if not 0 <= i < emb.num_embeddings]
+        # An Embedding's rows are (num, dim); an untied output Linear's rows are (out, in).
+        rows, dim = (
+            (emb.num_embeddings, emb.embedding_dim)
+            if isinstance(emb, nn.Embedding)
+            else (emb.out_features, emb.in_features)
+        )
+        bad = [i for i in ids if not 0 <= i < rows]
         if bad:
             raise AdapterFileError(
-                f"{config_file}: trainable_token_indices {bad} are outside {n!r} (0..{emb.num_embeddings - 1})"
+                f"{config_file}: trainable_token_indices {bad} are outside {n!r} (0..{rows - 1})"
             )
         shape = tuple(plan.tokens[n][1].shape)
-        if shape != (len(ids), emb.embedding_dim):
-            raise fail(
-                f"module {n!r}: trainable tokens have shape {shape}, expected {(len(ids), emb.embedding_dim)}"
-            )
+        if shape != (len(ids), dim):
+            raise fail(f"module {n!r}: trainable tokens have shape {shape}, expected {(len(ids), dim)}")
 
     for n in saved_names:
         base = _own_state(modules[n])
@@ -256,7 +260,8 @@ def _check_fingerprint(model: nn.Module, files: AdapterFiles, plan: _Plan) -> No
     if not stored:
         return  # PEFT and other tools write none: nothing to compare
     names = list(plan.lora) + _token_modules(model, {n: ids for n, (ids, _) in plan.tokens.items()})
-    if base_fingerprint(model, names) != stored:
+    current = base_fingerprint(model, names)
+    if current and current != stored:  # "": a quantized base, which cannot be compared
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise AdapterFileError(
             f"{files.weights_path}: this adapter was trained on a different base model (the weights of its "

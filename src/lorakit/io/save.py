@@ -59,11 +59,15 @@ def save_adapter(
         tensors[keys.key(module_name, "B", layer)] = B
         if w.magnitude is not None:
             tensors[keys.key(module_name, "magnitude")] = w.magnitude.detach()
-    for module_name in adapter.token_modules:
-        layer = model.get_submodule(module_name)
-        # A tied output head shares the embedding's TokenWeights; PEFT saves them once, on the embedding.
-        if isinstance(layer, nn.Embedding):
-            tensors[keys.key(module_name, "tokens")] = layer.tokens[name].values.detach()
+    written: set[int] = set()
+    # Embeddings first: a tied output head shares the embedding's TokenWeights; PEFT saves them once, on
+    # the embedding. An untied head has its own rows and saves them under its own name.
+    token_layers = [(n, model.get_submodule(n)) for n in adapter.token_modules]
+    for module_name, layer in sorted(token_layers, key=lambda x: not isinstance(x[1], nn.Embedding)):
+        t = layer.tokens[name]
+        if id(t) not in written:
+            tensors[keys.key(module_name, "tokens")] = t.values.detach()
+            written.add(id(t))
     for module_name in adapter.saved_modules:
         copy = model.get_submodule(module_name).lora_copies[name]
         for k, v in copy.state_dict().items():
@@ -80,6 +84,9 @@ def save_adapter(
     )
     # PEFT reads fan_in_fan_out as "the targets store W as (in, out)": true exactly for GPT-2's Conv1D.
     peft["fan_in_fan_out"] = conv1d
+    if adapter.tied_modules:
+        # The output head follows the saved embedding copy (tied); PEFT does the same with this flag.
+        peft["ensure_weight_tying"] = True
     from .. import __version__
 
     metadata = {VERSION_KEY: __version__}

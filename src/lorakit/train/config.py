@@ -29,6 +29,7 @@ class TrainConfig:
         batch_size, grad_accum: micro-batch rows and how many micro-batches make one optimizer step.
         max_len: tokens per row (SFT) or per packed block (CPT).
         eval_every / save_every: steps between evaluations / checkpoints (0: only at the end).
+        log_every: steps between progress lines when stderr is not a terminal (and metrics.jsonl records).
         quantize: "none", "4bit" (NF4, QLoRA) or "8bit" base weights (bitsandbytes).
         train_embeddings: CPT: input embeddings and output head train in full and are saved.
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
@@ -56,6 +57,7 @@ class TrainConfig:
     max_len: int = 512
     eval_every: int = 0
     save_every: int = 0
+    log_every: int = 10
     quantize: str = "none"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -83,7 +85,7 @@ class TrainConfig:
             raise bad("quantize", f"one of {QUANTIZE}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise bad("rank", "a positive integer")
-        for name in ("batch_size", "grad_accum", "max_len"):
+        for name in ("batch_size", "grad_accum", "max_len", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise bad(name, "a positive integer")
         for name in ("eval_every", "save_every", "loss_chunk"):
@@ -101,6 +103,10 @@ class TrainConfig:
             raise bad("warmup", "a fraction of the steps in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "a probability in [0, 1)")
+        if not self.max_grad_norm >= 0:
+            raise bad("max_grad_norm", "a number >= 0 (0: no clipping)")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", "a number >= 0")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -108,26 +114,30 @@ class TrainConfig:
 
         Raises:
             ValueError: naming the file and the unknown option or bad value.
+            FileNotFoundError: no such file.
         """
-        import yaml
+        return cls.resolve(path, overrides)
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
-        data = {str(k).replace("-", "_"): v for k, v in data.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+    @classmethod
+    def resolve(
+        cls,
+        path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> TrainConfig:
+        """`defaults`, then the YAML file at `path` (if any), then `overrides` (None values ignored).
+
+        Raises:
+            ValueError: an unknown option or bad value, naming the file when it came from one.
+            FileNotFoundError: `path` does not exist.
+        """
+        data = dict(defaults or {})
+        data.update(read_yaml(path) if path is not None else {})
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         try:
             return cls(**data)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from err
+            raise ValueError(f"{path}: {err}" if path is not None else str(err)) from err
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,3 +152,34 @@ class TrainConfig:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         os.replace(tmp, path)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML config file ('-' in names read as '_').
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not YAML, not a mapping, or unknown option names; the message names the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(
+            str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x
+        )
+        raise ValueError(f"{where}: not valid YAML: {problem or err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(known)}")
+    return data

@@ -1,0 +1,31 @@
+"""`lorakit generate`: complete one prompt with a base model and (optionally) an adapter."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt (chat template applied; greedy by default)")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--model", default="default", help="'default', a local HF model directory or a .gguf file")
+    p.add_argument("--adapter", help="adapter directory to apply")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..generation import generate_text
+    from ..models import load_model
+
+    model, tokenizer = load_model(
+        args.model, quantize=args.quantize, device=args.device, adapter=args.adapter
+    )
+    text = generate_text(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, chat=not args.raw
+    )
+    print(text)
+    return 0

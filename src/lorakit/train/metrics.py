@@ -1,0 +1,142 @@
+"""What a run reports while it trains: metrics.jsonl, a progress line on stderr, and loss.png.
+
+- `MetricsLog` appends one JSON record per logged step ({"step", "loss", "lr", ...}) or evaluation
+  ({"step", "eval_loss", ...}) and flushes it, so the file is current even after `kill -9`.
+- `Progress` rewrites one stderr line in place on a terminal (loss, tokens/s, ETA); elsewhere (CI, a log
+  file) it prints one line every `every` steps instead.
+- `plot_loss` draws the training loss (and evaluation loss) against the step with matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Appends JSON records to `path`. On resume, records after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            # The killed run may have logged steps past its last checkpoint; they will be run again.
+            kept = [r for r in read(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a torn last line, from a kill mid-write, is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class Progress:
+    """Progress of `total` optimizer steps: `update` after each step; `close` ends the line."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 10, stream: TextIO | None = None):
+        self.total, self.start, self.every = total, start, max(1, every)
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.open_line = False
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
+        """`step`: optimizer steps done; `tokens`: tokens processed by this step."""
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        tps = self.tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        line = (
+            f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  ETA {_duration(eta)}"
+        )
+        if self.tty:
+            width = 30
+            filled = int(width * step / max(1, self.total))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}\x1b[K")
+            self.open_line = True
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (an evaluation, a checkpoint), keeping the progress line intact."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def tokens_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def close(self) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
+
+
+def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw."""
+    records = read(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and _finite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"

@@ -1,0 +1,184 @@
+"""`lorakit merge`, `lorakit eval`, `lorakit generate` on tiny models in temporary directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+from lorakit.cli import main
+from lorakit.generation import format_prompt
+from lorakit.models import load_model
+from lorakit.train.config import TrainConfig
+from lorakit.train.prepare import prepare, save_prepared
+
+PROMPT = "hi there"
+
+
+@pytest.fixture(params=["plain", "new-tokens-tied"])
+def trained(request, tmp_path):
+    """(base dir, adapter dir): a tiny Llama and a randomized adapter (optionally with new tokens, tied head)."""
+    tok = tiny_tokenizer()
+    tied = request.param != "plain"
+    tiny_llama(vocab=len(tok), tie=tied).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(model=str(tmp_path / "base"), rank=4)
+    if tied:
+        (tmp_path / "new.txt").write_text("<x1>\n<x2>\n")
+        cfg.new_tokens = str(tmp_path / "new.txt")
+    p = prepare(cfg)
+    randomize_adapters(p.model, std=0.3)
+    save_prepared(p, tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def _ids(tokenizer, text="ab<x1>cd<x2> e"):
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def test_merge_cli_output_equals_base_plus_adapter(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, adapter = trained
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(out)]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    merged_tok = AutoTokenizer.from_pretrained(str(out))
+    model, tokenizer = load_model(str(base), adapter=adapter)
+    ids = _ids(tokenizer)
+    assert torch.equal(_ids(merged_tok), ids)
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, ref, atol=1e-5, rtol=0)
+        # The adapter changes the outputs: the comparison is not base vs base.
+        plain, _ = load_model(str(base))
+        if plain.get_input_embeddings().num_embeddings == ref.shape[-1]:
+            assert (plain(ids).logits - ref).abs().max() > 1e-3
+    assert not any(n for n in map(str, merged.state_dict()) if "lora" in n)
+
+    # An existing output is never overwritten without --overwrite; a failed merge leaves nothing behind.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--adapter",
+                str(tmp_path / "nope"),
+                "--output",
+                str(tmp_path / "m2"),
+            ]
+        )
+        == 1
+    )
+    assert "nope" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _bnb_ok() -> bool:
+    try:
+        import bitsandbytes as bnb
+
+        bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32).to("cpu")(torch.randn(1, 64))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _bnb_ok(), reason="bitsandbytes is not installed or cannot run on this machine")
+def test_merge_from_quantized_base(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    p = prepare(TrainConfig(model=str(tmp_path / "base"), rank=4, quantize="4bit"))
+    randomize_adapters(p.model, std=0.3)
+    save_prepared(p, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    argv = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--output", str(out), "--quantize", "4bit"]) == 0
+    assert "dequantized" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert all(q.dtype == torch.float32 for q in merged.parameters())
+    ids = _ids(tok, "hello")
+    p.model.eval()
+    with torch.no_grad():
+        # Same math as the QLoRA model (dequantized NF4 weights + the adapter), up to matmul rounding.
+        torch.testing.assert_close(merged(ids).logits, p.model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _greedy(model, tokenizer, prompt, n):
+    ids = torch.tensor([format_prompt(tokenizer, prompt)])
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_generate_cli_greedy_matches_reference(trained, capsys):
+    base, adapter = trained
+    model, tokenizer = load_model(str(base), adapter=adapter)
+    expected = _greedy(model, tokenizer, PROMPT, 6)
+    argv = ["generate", "--model", str(base), "--adapter", str(adapter), "--max-new-tokens", "6", PROMPT]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    # Sampling is seeded: the same seed gives the same text.
+    sampled = [
+        main([*argv, "--temperature", "1.5", "--seed", "3"]) or capsys.readouterr().out for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+    assert main([*argv, "--temperature", "-1"]) == 1
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_eval_cli_json_matches_evaluate(trained, tmp_path, capsys):
+    from lorakit.data import load_dataset
+
+    evaluate = pytest.importorskip(
+        "lorakit.train.evaluate", reason="needs lorakit.train.evaluate (H1)"
+    ).evaluate
+
+    base, adapter = trained
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}b"}]}
+        for i in range(5)
+    ]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(data), "--json"]
+    assert main([*argv, "--batch-size", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {"loss", "perplexity", "exact_match"} <= set(got)
+    model, tokenizer = load_model(str(base), adapter=adapter)
+    ref = evaluate(model, tokenizer, load_dataset(data, tokenizer, mode="sft"), batch_size=2)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert got["exact_match"] == ref["exact_match"]
+    assert got["n"] == 5
+
+    # Text rows evaluate as CPT data (no exact match); the adapter changes the loss.
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"some text number {i} here"}) + "\n" for i in range(4)))
+    assert main(["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(text), "--json"]) == 0
+    with_adapter = json.loads(capsys.readouterr().out)
+    assert with_adapter["exact_match"] is None and with_adapter["loss"] > 0
+    assert main(["eval", "--model", str(base), "--data", str(text), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] != with_adapter["loss"]

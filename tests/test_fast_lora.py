@@ -1,0 +1,206 @@
+"""The fast LoRA paths against the plain reference (functional.py): outputs and gradients, per layer type, with
+and without dropout, in fp32 and bf16; whole models; checkpointing; inference; mixed per-row batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+import lorakit.fast.linear as FL
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from lorakit import functional as LF
+from lorakit.fast import plain_path
+from lorakit.layers import wrap
+
+
+def _layer(kind: str, bias: bool, dtype, dropout: float):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias) if kind == "linear" else Conv1D(20, 24)
+    base = base.to(dtype)
+    layer = wrap(base)
+    layer.weight.requires_grad_(False)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(bias)  # Conv1D always has a bias; let it train only when asked
+    w = layer.add_lora("a", r=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        w.B.normal_()
+    layer.active = ("a",)
+    return layer.train(), w
+
+
+def _reference(layer, w, x, keep, keep_scale):
+    """base(x) + functional.lora_linear on D(x), in plain autograd."""
+    y = layer.base_class.forward(layer, x)
+    xa = x.to(w.A.dtype)
+    if keep is not None:
+        xa = xa * keep * keep_scale
+    return y + LF.lora_linear(xa, w.A, w.B, w.scale).to(y.dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_matches_reference(kind, bias, dropout, dtype, monkeypatch):
+    if kind == "conv1d" and not bias:
+        pytest.skip("Conv1D always has a bias")
+    layer, w = _layer(kind, bias, dtype, dropout)
+    monkeypatch.setattr(FL, "draw_seed", lambda: 1234)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    dy = torch.randn(3, 5, 20, dtype=dtype)
+
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"  # the fast path was taken
+    params = [x, w.A, w.B] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad(y, params, dy)
+
+    keep, keep_scale = (None, 1.0)
+    if dropout:
+        keep, keep_scale = FL.dropout_keep_mask((15, 24), dropout, 1234, x.device)
+        keep = keep.view(3, 5, 24)
+    y_ref = _reference(layer, w, x, keep, keep_scale)
+    ref = torch.autograd.grad(y_ref, params, dy)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y, y_ref, **tol)
+    for g, r, n in zip(grads, ref, ["x", "A", "B", "bias"]):
+        torch.testing.assert_close(g, r, **tol, msg=n)
+
+
+def test_dropout_mask_probability_and_scale():
+    keep, scale = FL.dropout_keep_mask((400, 500), 0.05, 7, torch.device("cpu"))
+    drop = 1 - keep.float().mean().item()
+    assert abs(drop - 0.05) < 0.002
+    assert scale == pytest.approx(1 / (1 - round(0.05 * 65536) / 65536))
+    again, _ = FL.dropout_keep_mask((400, 500), 0.05, 7, torch.device("cpu"))
+    assert torch.equal(keep, again)
+    assert FL.dropout_keep_mask((10,), 0.0, 7, torch.device("cpu"))[0].all()
+
+
+def _grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids).logits
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_model_matches_plain_path(make, ids):
+    model = make()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_adapters(model)
+    model.train()
+    if make is tiny_gpt2:
+        model.eval()  # GPT-2's own dropout would draw differently in the two runs
+    out, grads = _grads(model, ids)
+    with plain_path():
+        ref_out, ref_grads = _grads(model, ids)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_zero_B_is_exactly_the_base_in_training(ids):
+    model = tiny_llama().train()
+    with torch.no_grad():
+        base = model(ids).logits
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets="all-linear", dropout=0.1))
+    out = model(ids).logits
+    assert out.requires_grad
+    assert torch.equal(out, base)
+
+
+def test_checkpointing_replays_dropout(ids):
+    model = tiny_llama().train()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.2, targets="all-linear"))
+    randomize_adapters(model)
+    torch.manual_seed(5)
+    out, grads = _grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    torch.manual_seed(5)
+    out_ckpt, grads_ckpt = _grads(model, ids)
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_dropout_model_grads_match_masks_it_drew(monkeypatch, ids):
+    # Each layer's fast backward against autograd through the same masks: record (x, seed) per call and
+    # rebuild the layer outputs' gradients with the reference formula on a copy.
+    model = tiny_llama().train()
+    lorakit.add_adapter(
+        model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.25, targets=["q_proj", "down_proj"])
+    )
+    randomize_adapters(model)
+    seeds = iter(range(100, 200))
+    monkeypatch.setattr(FL, "draw_seed", lambda: next(seeds))
+    out, grads = _grads(model, ids)
+
+    # Reference: the plain path with F.dropout replaced by the same masks, drawn in the same call order.
+    ref_seeds = iter(range(100, 200))
+
+    def masked(x, p, training=True, inplace=False):
+        keep, scale = FL.dropout_keep_mask(
+            tuple(x.reshape(-1, x.shape[-1]).shape), p, next(ref_seeds), x.device
+        )
+        return x * keep.view(x.shape) * scale
+
+    monkeypatch.setattr(LF.F, "dropout", masked)
+    with plain_path():
+        ref_out, ref_grads = _grads(model, ids)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_inference_path_several_adapters(ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]), name="b")
+    randomize_adapters(model)
+    lorakit.set_adapter(model, ["a", "b"])
+    with torch.no_grad():
+        out = model(ids).logits
+        with plain_path():
+            ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fallbacks_still_correct(ids):
+    # DoRA and two adapters while training take the plain path; results equal plain_path()'s exactly.
+    model = tiny_llama().train()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets=["q_proj"], use_dora=True), name="d")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets=["v_proj"]), name="a")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets=["v_proj"]), name="b")
+    randomize_adapters(model)
+    lorakit.set_adapter(model, ["d", "a", "b"])
+    out, grads = _grads(model, ids)
+    with plain_path():
+        ref_out, ref_grads = _grads(model, ids)
+    assert torch.equal(out, ref_out)
+    for n in grads:
+        assert torch.equal(grads[n], ref_grads[n]), n
+
+
+@pytest.mark.parametrize("names", [["a", "a", "b", None, "b"], ["b", "a", None, "a", "b"]])
+def test_per_row_runs_match_single_adapter_rows(names):
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=8, alpha=8, targets=["q_proj", "up_proj"]), name="b")
+    randomize_adapters(model)
+    x = torch.randint(3, 128, (len(names), 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), lorakit.per_row_adapters(model, names):
+        mixed = model(x).logits
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n is None:
+                with lorakit.disable_adapters(model):
+                    ref = model(x[i : i + 1]).logits
+            else:
+                lorakit.set_adapter(model, n)
+                ref = model(x[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-5, atol=1e-5)
