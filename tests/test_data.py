@@ -194,6 +194,14 @@ def test_csv_and_parquet_give_the_same_examples_as_jsonl(tmp_path):
         assert load_dataset(tmp_path / "r.csv", tok).examples == ref.examples
         pd.DataFrame(rows).to_parquet(tmp_path / "r.parquet")
         assert load_dataset(tmp_path / "r.parquet", tok).examples == ref.examples
+    (tmp_path / "r.json").write_text(json.dumps(pairs, indent=2))  # a JSON array file (Alpaca style)
+    assert (
+        load_dataset(tmp_path / "r.json", tok).examples
+        == load_dataset(write_jsonl(tmp_path / "p.jsonl", pairs), tok).examples
+    )
+    (tmp_path / "bad.json").write_text(json.dumps(pairs + [{"prompt": "x"}]))
+    with pytest.raises(DataError, match=r"bad\.json:row 3: field 'completion' is missing"):
+        load_dataset(tmp_path / "bad.json", tok)
     # A CSV error names the line the record starts on (the header is line 1; the first record spans 2-3).
     pd.DataFrame(pairs + [{"prompt": "x", "completion": ""}]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad\.csv:5: field 'completion' is str ''"):
@@ -237,3 +245,11 @@ def test_real_chatml_template_masks_only_the_answers(tmp_path):
     first = tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
     assert labelled[0] == len(ids(tok, first))  # the generation prompt is not trained on
     assert ex.prompt_ids == ex.input_ids[: len(ex.prompt_ids)] and ex.answer == "4"
+
+
+def test_demo_defaults_are_a_valid_train_config():
+    from lorakit.data import DEMO_DEFAULTS
+    from lorakit.train.config import TrainConfig
+
+    cfg = TrainConfig(**DEMO_DEFAULTS)
+    assert cfg.data is None and cfg.steps == DEMO_DEFAULTS["steps"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_llama, tiny_tokenizer
-from lorakit.data import collate, demo_paths, load_dataset
+from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from lorakit.data import DEMO_DEFAULTS, collate, demo_paths, load_dataset
 from lorakit.train import evaluate as ev_mod
 from lorakit.train.evaluate import evaluate, generate_answers
 
@@ -59,8 +59,9 @@ def trained():
     return model.eval(), tok
 
 
-def test_loss_is_the_mean_over_loss_tokens_like_a_plain_reference(tmp_path):
-    tok, model = tiny_tokenizer(), tiny_llama(seed=1)
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_loss_is_the_mean_over_loss_tokens_like_a_plain_reference(tmp_path, make):
+    tok, model = tiny_tokenizer(), make(seed=1)
     rows = PAIRS + [{"prompt": "a much longer question here?", "completion": "and a longer answer"}]
     ds = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok)
     want, count = reference_loss(model, ds)
@@ -121,7 +122,7 @@ def test_demo_is_not_solved_by_the_base_model():
     from lorakit.models import load_model
 
     model, tok = load_model("default")
-    ds = load_dataset(demo_paths()[1], tok, max_len=128)
+    ds = load_dataset(demo_paths()[1], tok, max_len=DEMO_DEFAULTS["max_len"])  # every row fits
     ds.examples = ds.examples[:8]
     got = evaluate(model, tok, ds, batch_size=8, max_new_tokens=16)
     assert got["exact_match"] <= 0.125, got["samples"]

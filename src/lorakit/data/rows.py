@@ -22,7 +22,8 @@ class DataError(ValueError):
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict | DataError]]:
     """Yield (location, row) for every record of `path`; an unparseable record yields a DataError instead.
 
-    JSONL: one JSON object per line (blank lines are ignored). CSV: a header row, then one record per row; a
+    JSONL: one JSON object per line (blank lines are ignored); a .json file may instead hold one JSON array
+    of objects (rows are then named "FILE:row N"). CSV: a header row, then one record per row; a
     cell holding JSON (a `messages` list) is decoded. Parquet: one record per row (needs pyarrow).
 
     Raises:
@@ -33,7 +34,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict | DataError]]
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} not found")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json" and _starts_with(path, "["):
+        yield from _json_array(path)
+    elif suffix in (".jsonl", ".json"):
         yield from _jsonl(path)
     elif suffix == ".csv":
         yield from _csv(path)
@@ -62,6 +65,27 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict | DataError]]:
             if not isinstance(row, dict):
                 yield where, DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 continue
+            yield where, row
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(char)
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, dict | DataError]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); expected a JSON array of objects"
+        ) from err
+    for i, row in enumerate(records, 1):
+        where = f"{path}:row {i}"
+        if not isinstance(row, dict):
+            yield where, DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        else:
             yield where, row
 
 
