@@ -211,3 +211,48 @@ def test_per_row_runs_match_single_adapter_rows(names, seq):
                 lorakit.set_adapter(model, n)
                 ref = model(x[i : i + 1]).logits
             torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_factors_kept_across_contexts_but_never_stale():
+    """A server enters one per_row context per decode step: the stacked factors are reused between contexts
+    while the adapters are untouched, and rebuilt when one changes (in place, or replaced by a new load)."""
+    from lorakit.fast.rows import ROW_STACK_ATTR
+
+    model = tiny_llama()
+    for i, name in enumerate("abc"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=2 + i, targets=["q_proj"]), name=name)
+    randomize_adapters(model)
+    names = ["a", "b", "c", "a"]
+    x = torch.randint(3, 128, (4, 3), generator=torch.Generator().manual_seed(3))  # q matters from 2 tokens
+    q = model.model.layers[0].self_attn.q_proj
+
+    def mixed():
+        with torch.no_grad(), lorakit.per_row_adapters(model, names):
+            return model(x).logits
+
+    def reference():
+        rows = []
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                lorakit.set_adapter(model, n)
+                rows.append(model(x[i : i + 1]).logits)
+        return torch.cat(rows)
+
+    first = mixed()
+    kept = q.__dict__[ROW_STACK_ATTR]
+    torch.testing.assert_close(mixed(), first, rtol=0, atol=0)
+    assert q.__dict__[ROW_STACK_ATTR][2] is kept[2]  # reused, not rebuilt
+    torch.testing.assert_close(first, reference(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        q.lora["b"].B.mul_(3.0)  # an in-place update (what an optimizer step does)
+    changed = mixed()
+    assert q.__dict__[ROW_STACK_ATTR][2] is not kept[2]
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, reference(), rtol=1e-5, atol=1e-5)
+    lorakit.delete_adapter(model, "c")
+    lorakit.add_adapter(
+        model, lorakit.LoraConfig(r=4, targets=["q_proj"]), name="c"
+    )  # same name, new tensors
+    randomize_adapters(model, seed=9)
+    torch.testing.assert_close(mixed(), reference(), rtol=1e-5, atol=1e-5)
+    assert ROW_STACK_ATTR not in lorakit.unload(model, merge=False).model.layers[0].self_attn.q_proj.__dict__

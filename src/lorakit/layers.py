@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from . import functional as LF
 from .config import scaling
 from .fast import linear_forward
-from .fast.rows import forward_rows, row_runs
+from .fast.rows import ROW_STACK_ATTR, forward_rows, row_runs
 from .fingerprint import weight_digest
 
 
@@ -457,7 +457,17 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     """The plain base module again (its class and parameters), without any adapter state."""
     base = layer.base_class.__new__(layer.base_class)
     state = dict(layer.__dict__)
-    for key in ("lora", "tokens", "active", "merged", "disabled", "row_plan", "base_class", "base_digest"):
+    for key in (
+        "lora",
+        "tokens",
+        "active",
+        "merged",
+        "disabled",
+        "row_plan",
+        "base_class",
+        "base_digest",
+        ROW_STACK_ATTR,
+    ):
         state.pop(key, None)
     base.__dict__.update(state)
     base._modules = {k: v for k, v in layer._modules.items() if k not in ("lora", "tokens")}

@@ -24,6 +24,7 @@ from .linear import add_lora_inplace
 
 MAX_RUNS = 2  # above this many runs for one adapter, one gather + one scatter beat many tiny matmuls
 STACK_TOKENS = 256  # at or below this many tokens, the stacked pair beats one pair per adapter
+ROW_STACK_ATTR = "_lorakit_row_stack"  # where a layer keeps its last stacked factors (see _stacked_factors)
 STACK_AT_ONCE = 3  # adapters on a layer from which stacking pays even for a single call
 
 
@@ -103,19 +104,43 @@ def _build_stack(layer, plan, batch: int):
     ws = [layer.lora[n] for n in names]
     if any(w.magnitude is not None for w in ws):
         raise RuntimeError("per-row adapters do not support DoRA adapters")
-    A = torch.cat([w.A for w in ws])  # (R, in), R = Σ r_k
+    dtype, device, R = ws[0].A.dtype, ws[0].A.device, sum(w.r for w in ws)  # R = Σ r_k
     # The mask and the column scales depend only on (names, ranks, scales): shared by the plan's layers.
-    shape_key = (names, tuple(w.r for w in ws), tuple(w.scale for w in ws), batch, A.dtype, A.device)
+    shape_key = (names, tuple(w.r for w in ws), tuple(w.scale for w in ws), batch, dtype, device)
     shared = plan.stacks.get(shape_key)
     if shared is None:
-        mask = torch.zeros(batch, 1, A.shape[0], dtype=A.dtype)
-        scales = torch.empty(A.shape[0], 1, dtype=A.dtype)
+        mask = torch.zeros(batch, 1, R, dtype=dtype)
+        scales = torch.empty(R, 1, dtype=dtype)
         col = 0
         for n, w in zip(names, ws):
             mask[plan.groups[n].cpu(), :, col : col + w.r] = 1
             scales[col : col + w.r] = w.scale
             col += w.r
-        shared = plan.stacks[shape_key] = (mask.to(A.device), scales.to(A.device))
+        shared = plan.stacks[shape_key] = (mask.to(device), scales.to(device))
     mask, scales = shared
+    return *_stacked_factors(layer, names, ws, scales), mask
+
+
+def _stacked_factors(layer, names: tuple, ws: list, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """(A stacked, (s·B)ᵀ stacked) for `names` on `layer`, kept on the layer between `per_row_adapters`
+    contexts: a server enters one per decode step and would otherwise rebuild every stack every step.
+
+    The kept pair is reused only while every factor is the very same tensor, at the same storage and version
+    (an optimizer step, a load or a `.to()` changes one of those) with the same scale; else it is rebuilt.
+    Only the last pair per layer is kept, so it costs at most one copy of the adapters in use.
+    """
+    key = tuple((w.A, w.A._version, w.A.data_ptr(), w.B, w.B._version, w.B.data_ptr(), w.scale) for w in ws)
+    kept = layer.__dict__.get(ROW_STACK_ATTR)
+    if kept is not None and kept[0] == names and _same(kept[1], key):
+        return kept[2], kept[3]
+    A = torch.cat([w.A for w in ws])  # (R, in)
     BT = torch.cat([w.B for w in ws], dim=1).t().mul_(scales)  # (R, out), row k scaled by its adapter's s
-    return A, BT, mask
+    layer.__dict__[ROW_STACK_ATTR] = (names, key, A, BT)  # not a registered buffer: never saved or moved
+    return A, BT
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    # `is` for the tensors (== would compare values elementwise), == for versions, pointers and scales.
+    return len(a) == len(b) and all(
+        x[0] is y[0] and x[3] is y[3] and x[1:3] == y[1:3] and x[4:] == y[4:] for x, y in zip(a, b)
+    )
