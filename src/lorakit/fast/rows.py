@@ -129,14 +129,20 @@ def _stacked_factors(layer, names: tuple, ws: list, scales: Tensor) -> tuple[Ten
     (an optimizer step, a load or a `.to()` changes one of those) with the same scale; else it is rebuilt.
     Only the last pair per layer is kept, so it costs at most one copy of the adapters in use.
     """
-    key = tuple((w.A, w.A._version, w.A.data_ptr(), w.B, w.B._version, w.B.data_ptr(), w.scale) for w in ws)
-    kept = layer.__dict__.get(ROW_STACK_ATTR)
-    if kept is not None and kept[0] == names and _same(kept[1], key):
-        return kept[2], kept[3]
+    # Inference tensors keep no version counter, so an in-place change to one could not be seen: never kept.
+    keep = not any(w.A.is_inference() or w.B.is_inference() for w in ws)
+    if keep:
+        key = tuple(
+            (w.A, w.A._version, w.A.data_ptr(), w.B, w.B._version, w.B.data_ptr(), w.scale) for w in ws
+        )
+        kept = layer.__dict__.get(ROW_STACK_ATTR)
+        if kept is not None and kept[0] == names and _same(kept[1], key):
+            return kept[2], kept[3]
     A = torch.cat([w.A for w in ws])  # (R, in)
-    BT = torch.cat([w.B for w in ws], dim=1).t().mul_(scales)  # (R, out), row k scaled by its adapter's s
-    layer.__dict__[ROW_STACK_ATTR] = (names, key, A, BT)  # not a registered buffer: never saved or moved
-    return A, BT
+    B = torch.cat([w.B for w in ws], dim=1).t().mul_(scales)  # (s·B)ᵀ (R, out), row k scaled by its s
+    if keep:
+        layer.__dict__[ROW_STACK_ATTR] = (names, key, A, B)  # not a registered buffer: never saved or moved
+    return A, B
 
 
 def _same(a: tuple, b: tuple) -> bool:

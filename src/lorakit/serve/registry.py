@@ -16,6 +16,8 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+import torch
+
 import lorakit
 from lorakit.adapters import _check_name, adapter_records
 from lorakit.config import LoraConfig
@@ -168,7 +170,10 @@ class AdapterRegistry:
         return True
 
     def _load(self, name: str, path: Path) -> None:
-        lorakit.load_adapter(self.model, path, name=name, activate=False)
+        # Plain tensors even on the engine thread (which runs in inference_mode): they keep a version counter,
+        # which the per-row fast path checks before reusing its stacked copy of them.
+        with torch.inference_mode(False):
+            lorakit.load_adapter(self.model, path, name=name, activate=False)
         self.loads += 1
         with self._lock:
             self._lru[name] = None
