@@ -74,3 +74,31 @@ def tiny_tokenizer():
     )  # fmt: skip
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def bnb_unusable() -> str:
+    """Why bitsandbytes cannot quantize here ("" when it can): not installed, or a build without a CPU backend."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return "bitsandbytes is not installed (pip install 'lorakit[quant]')"
+    try:
+        bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")(torch.randn(1, 64))
+    except Exception as err:
+        return f"bitsandbytes cannot run here: {err}"
+    return ""
+
+
+def quantizable_llama_dir(path):
+    """A tiny Llama + tiny_tokenizer saved in `path`, with widths bitsandbytes' 4-bit blocks accept (64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

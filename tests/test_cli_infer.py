@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+from conftest import bnb_unusable, quantizable_llama_dir, randomize_adapters, tiny_llama, tiny_tokenizer
 from lorakit.cli import main
 from lorakit.generation import format_prompt
 from lorakit.models import load_model
@@ -82,28 +82,11 @@ def test_merge_cli_output_equals_base_plus_adapter(trained, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def _bnb_ok() -> bool:
-    try:
-        import bitsandbytes as bnb
-
-        bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32).to("cpu")(torch.randn(1, 64))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _bnb_ok(), reason="bitsandbytes is not installed or cannot run on this machine")
+@pytest.mark.skipif(bool(bnb_unusable()), reason=bnb_unusable() or "ok")
 def test_merge_from_quantized_base(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    quantizable_llama_dir(tmp_path / "base")
     p = prepare(TrainConfig(model=str(tmp_path / "base"), rank=4, quantize="4bit"))
     randomize_adapters(p.model, std=0.3)
     save_prepared(p, tmp_path / "adapter")
@@ -114,7 +97,7 @@ def test_merge_from_quantized_base(tmp_path, capsys):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert all(q.dtype == torch.float32 for q in merged.parameters())
-    ids = _ids(tok, "hello")
+    ids = _ids(p.tokenizer, "hello")
     p.model.eval()
     with torch.no_grad():
         # Same math as the QLoRA model (dequantized NF4 weights + the adapter), up to matmul rounding.

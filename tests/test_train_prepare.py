@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+from conftest import bnb_unusable, quantizable_llama_dir, randomize_adapters, tiny_llama, tiny_tokenizer
 from lorakit import load_adapter
 from lorakit.models import load_model
 from lorakit.train.config import TrainConfig
@@ -206,33 +206,10 @@ def test_gradient_checkpointing_gives_lora_grads(tmp_path):
         assert grads[1][n] is not None and torch.allclose(g, grads[1][n], atol=1e-6), n
 
 
-def _bnb_unusable() -> str:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return "bitsandbytes is not installed (pip install 'lorakit[quant]')"
-    try:
-        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
-        layer = layer.to("cpu")
-        layer(torch.randn(1, 64))
-    except Exception as err:  # a build without a CPU backend
-        return f"bitsandbytes cannot run here: {err}"
-    return ""
-
-
-@pytest.mark.skipif(bool(_bnb_unusable()), reason=_bnb_unusable() or "ok")
+@pytest.mark.skipif(bool(bnb_unusable()), reason=bnb_unusable() or "ok")
 @pytest.mark.parametrize("quantize", ["4bit", "8bit"])
 def test_quantized_prepare_and_backward(tmp_path, quantize):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    quantizable_llama_dir(tmp_path / "base")
     p = prepare(
         TrainConfig(model=str(tmp_path / "base"), rank=4, quantize=quantize, gradient_checkpointing=True)
     )
