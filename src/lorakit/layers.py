@@ -139,6 +139,21 @@ class LoraLayer:
             f"trainable tokens need an Embedding (or tied output) layer, not {self.base_class.__name__}"
         )
 
+    def _new_tokens(self, name: str, indices: list[int], what: str) -> TokenWeights:
+        """Adapter `name`'s trainable rows `indices` of `self.weight` (one row per token), starting as the
+        current rows. Raises ValueError if `name` has tokens here already or an index is out of range."""
+        if name in self.tokens:
+            raise ValueError(f"adapter {name!r} already has trainable tokens on this {what}")
+        n_rows = self.weight.shape[0]
+        bad = [i for i in indices if not 0 <= i < n_rows]
+        if bad:
+            raise ValueError(f"trainable token indices {bad} are outside the {what} (0..{n_rows - 1})")
+        idx = torch.tensor(indices, device=self.weight.device)
+        values = self.weight.detach()[idx].to(adapter_dtype(self.weight)).clone()
+        t = TokenWeights(list(indices), values, n_rows)
+        self.tokens[name] = t
+        return t
+
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
@@ -289,18 +304,7 @@ class LinearLike(LoraLayer):
             )
         if not self.weight.is_floating_point():
             raise ValueError("trainable tokens on a quantized Linear are not supported")
-        if name in self.tokens:
-            raise ValueError(f"adapter {name!r} already has trainable tokens on this layer")
-        bad = [i for i in indices if not 0 <= i < self.out_features]
-        if bad:
-            raise ValueError(
-                f"trainable token indices {bad} are outside the output rows (0..{self.out_features - 1})"
-            )
-        idx = torch.tensor(indices, device=self.weight.device)
-        values = self.weight.detach()[idx].to(adapter_dtype(self.weight)).clone()
-        t = TokenWeights(list(indices), values, self.out_features)
-        self.tokens[name] = t
-        return t
+        return self._new_tokens(name, indices, "output head")
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         cols = F.linear(x.to(t.values.dtype), t.values).to(y.dtype)  # (..., n)
@@ -355,19 +359,7 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         return LF.delta_weight(w.A, w.B, w.scale).t()  # (num_embeddings, dim)
 
     def add_tokens(self, name: str, indices: list[int]) -> TokenWeights:
-        if name in self.tokens:
-            raise ValueError(f"adapter {name!r} already has trainable tokens on this embedding")
-        bad = [i for i in indices if not 0 <= i < self.num_embeddings]
-        if bad:
-            raise ValueError(
-                f"trainable token indices {bad} are outside the embedding (0..{self.num_embeddings - 1})"
-            )
-        values = self.weight.detach()[torch.tensor(indices, device=self.weight.device)].to(
-            adapter_dtype(self.weight)
-        )
-        t = TokenWeights(list(indices), values.clone(), self.num_embeddings)
-        self.tokens[name] = t
-        return t
+        return self._new_tokens(name, indices, "embedding")
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         pos = t.position[x]
