@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from .plot import pyplot, save_figure
 
 
@@ -62,9 +63,7 @@ def sweep(base, ranks: list[int], output: str | os.PathLike, reuse: bool = True)
         x["metric"] = x[metric]
     summary = {"metric": metric, "steps": base.steps, "seed": base.seed, "runs": runs}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, root / "sweep.json")
+    write_text(root / "sweep.json", json.dumps(summary, indent=2) + "\n")
     plot_sweep(summary, root / "sweep.png")
     return summary
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -30,6 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from ..atomic import write_text
 from ..data import collate
 from ..losses import causal_lm_loss
 from . import checkpoint, distributed
@@ -400,9 +400,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _fmt(metrics: dict) -> str:

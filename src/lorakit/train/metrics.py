@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..atomic import save_figure, write_text
+
 
 class MetricsLog:
     """Appends JSON records to `path`. On resume, records after the checkpoint's step are dropped first."""
@@ -29,9 +31,7 @@ class MetricsLog:
         else:
             # The killed run may have logged steps past its last checkpoint; they will be run again.
             kept = [r for r in read(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -124,11 +124,7 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def _finite(x: Any) -> bool:
