@@ -84,10 +84,19 @@ def test_merge_cli_output_equals_base_plus_adapter(trained, tmp_path, capsys):
 
 @pytest.mark.skipif(bool(bnb_unusable()), reason=bnb_unusable() or "ok")
 def test_merge_from_quantized_base(tmp_path, capsys):
+    """A merge from a QLoRA base writes exactly dequantize(W_nf4) + ΔW, and that model is the one trained.
+
+    Not compared with the QLoRA model's eval-mode logits: bitsandbytes >= 0.50 repacks NF4 weights on
+    AVX512-BF16 CPUs in eval/no-grad forwards and multiplies in bf16 there (~1e-3 off fp32), so that figure
+    measures the kernel, not the merge. The training forward (dequantize, then an fp32 matmul) is the math
+    the adapter was trained under, and it is compared tightly.
+    """
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     quantizable_llama_dir(tmp_path / "base")
-    p = prepare(TrainConfig(model=str(tmp_path / "base"), rank=4, quantize="4bit"))
+    p = prepare(TrainConfig(model=str(tmp_path / "base"), rank=4, quantize="4bit", dropout=0.0))
     randomize_adapters(p.model, std=0.3)
     save_prepared(p, tmp_path / "adapter")
     out = tmp_path / "merged"
@@ -97,11 +106,30 @@ def test_merge_from_quantized_base(tmp_path, capsys):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert all(q.dtype == torch.float32 for q in merged.parameters())
+
+    # 1. Weights: every adapted matrix is dequantize(W) + s·B·A, read from the PEFT file (fp32 rounding only).
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    quantized = dict(p.model.named_modules())
+    merged_modules = dict(merged.named_modules())
+    checked = 0
+    for key, A in tensors.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        B = tensors[key.replace("lora_A", "lora_B")]
+        w = quantized[module].weight
+        expected = bnb.functional.dequantize_4bit(w.data, w.quant_state).float() + scale * (B @ A)
+        torch.testing.assert_close(merged_modules[module].weight.detach(), expected, atol=1e-6, rtol=0)
+        checked += 1
+    assert checked == 14  # 7 projections x 2 layers: all-linear minus the head
+
+    # 2. Logits: the merged model gives the QLoRA training forward's logits (dequantized NF4 + the adapter).
     ids = _ids(p.tokenizer, "hello")
-    p.model.eval()
+    p.model.train()
     with torch.no_grad():
-        # Same math as the QLoRA model (dequantized NF4 weights + the adapter), up to matmul rounding.
-        torch.testing.assert_close(merged(ids).logits, p.model(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, p.model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def _greedy(model, tokenizer, prompt, n):
