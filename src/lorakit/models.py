@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import write_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,10 +186,7 @@ def converted_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    def fill(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
@@ -204,14 +201,13 @@ def converted_gguf(gguf: Path) -> Path:
         model.is_quantized = False
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process converted it first: keep theirs.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_dir(target, fill)
+    except FileExistsError:
+        # Another process converted it first: keep theirs.
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,12 @@ VERSION_KEY = "lorakit.version"
 
 
 def save_adapter(
-    model: nn.Module, dir: str | os.PathLike, name: str = "default", dtype: torch.dtype | None = None
+    model: nn.Module,
+    dir: str | os.PathLike,
+    name: str = "default",
+    dtype: torch.dtype | None = None,
+    *,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write adapter `name` of `model` in PEFT's format: `dir` for "default", else `dir/<name>/` (PEFT's rule).
 
@@ -31,10 +37,12 @@ def save_adapter(
     `base_model.model.` prefix, adapter name stripped), loadable by `load_adapter` and by PEFT's
     `PeftModel.from_pretrained`. A PiSSA adapter is saved converted to a plain rank-2r LoRA that works on the
     untouched base. The safetensors metadata carries the base fingerprint (`lorakit.fingerprint`). The write
-    is atomic: an interrupted save leaves the previous files in place.
+    is all-or-nothing (io.files.write_adapter): killed at any instant, the directory holds the complete old
+    adapter or the complete new one.
 
     Args:
         dtype: cast the adapter tensors to this dtype (default: as they are, usually fp32).
+        extra: writes more files into the same all-or-nothing save (called with the staging folder).
     Returns:
         The directory written.
     Raises:
@@ -98,7 +106,7 @@ def save_adapter(
     if adapter.fingerprint:
         metadata[FINGERPRINT_KEY] = adapter.fingerprint
     root = Path(dir)
-    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata)
+    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata, extra=extra)
 
 
 def _biases(model: nn.Module, adapter: Adapter) -> dict[str, Tensor]:

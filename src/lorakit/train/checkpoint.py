@@ -7,6 +7,7 @@ and the data position are functions of it), and the RNG states of every process 
 Layout of `<output>/checkpoint/`:
     LATEST                   the name of the newest complete checkpoint, replaced atomically (os.replace)
     step-000050/             one checkpoint, written under a temporary name and renamed when complete
+                             (atomic.write_dir; temporaries of killed saves are removed by the next save)
         trainable.safetensors    every trainable parameter, by name
         optimizer.safetensors    "<param name>/<state key>" -> AdamW state tensor
         rng.safetensors          "rank<i>/torch", "rank<i>/cuda<j>" -> RNG state bytes
@@ -21,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import clean_stale, write_dir, write_text
 
 DIRNAME = "checkpoint"
 # Options that change what the next step computes: a resumed run must agree with the checkpoint on them.
@@ -113,8 +115,8 @@ def save(
     base = root(output)
     base.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(
             {n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors")
         )
@@ -131,22 +133,14 @@ def save(
             "elapsed": elapsed, "config": config, "rng": rng_json,
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(meta))
-        for f in tmp.iterdir():
-            _fsync(f)
-        final = base / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer_tmp = base / ".LATEST.tmp"
-    pointer_tmp.write_text(name)
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, base / "LATEST")
+
+    final = write_dir(base / name, fill, overwrite=True)
+    write_text(base / "LATEST", name)
     for old in base.iterdir():
-        if old.name != name and old.name not in ("LATEST",) and old.is_dir():
+        # Older checkpoints; temporaries only when their process is dead (one may still be saving).
+        if old.name != name and old.name.startswith("step-") and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+    clean_stale(base)
     return final
 
 
@@ -265,8 +259,3 @@ def _jsonable(x: Any) -> Any:
 
 def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
