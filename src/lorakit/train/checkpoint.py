@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import clean_stale, write_dir, write_text
+from ..atomic import clean_stale, resolve, write_dir, write_text
 
 DIRNAME = "checkpoint"
+RESULTS = "results.json"  # written last by a finished run: the marker `finished` looks for
 # Options that change what the next step computes: a resumed run must agree with the checkpoint on them.
 # The rows per optimizer step must match too (checked apart): how they split into micro-batches and
 # processes may change (e.g. 2 processes x 2 rows resumed as 1 process x 2 rows x 2 accumulation).
@@ -231,6 +232,46 @@ def restore(
     if rank >= len(ckpt.rng):
         raise ValueError(f"{ckpt.path}: saved by {len(ckpt.rng)} processes; cannot resume rank {rank}")
     set_rng_state(ckpt.rng[rank])
+
+
+def finished(output: str | os.PathLike, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of a finished run in `output` made with the same options as `config`, else None.
+
+    A run is finished once its results.json is written (after the adapter, before the checkpoints are
+    deleted), so a kill between those steps still counts as finished. A new run on the same output removes
+    the old results.json when it starts (`discard_results`), so a finished run is never confused with an
+    unfinished one that followed it.
+
+    Raises:
+        ValueError: the finished run had the same options but another length (--steps / --epochs): a
+            finished run cannot be extended (its optimizer state is gone).
+    """
+    path = Path(output) / RESULTS
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ran = results.get("config") if isinstance(results, dict) else None
+    if not isinstance(ran, dict) or any(ran.get(k) != config.get(k) for k in MUST_MATCH):
+        return None
+    if not (
+        resolve(output, "adapter_config.json").is_file()
+        and resolve(output, "adapter_model.safetensors").is_file()
+    ):
+        return None
+    longer = [f"{k}: finished run {ran.get(k)!r}, now {config.get(k)!r}" for k in ("steps", "epochs")
+              if ran.get(k) != config.get(k)]  # fmt: skip
+    if longer:
+        raise ValueError(
+            f"--resume: {output} holds a finished run of another length ({'; '.join(longer)}); it cannot be "
+            "extended: train into another --output (or without --resume to start over)"
+        )
+    return results
+
+
+def discard_results(output: str | os.PathLike) -> None:
+    """A new run starts on `output`: the previous run's results.json no longer describes what it holds."""
+    (Path(output) / RESULTS).unlink(missing_ok=True)
 
 
 def remove(output: str | os.PathLike) -> None:

@@ -73,6 +73,14 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
+    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    if done is not None:
+        if ctx.is_main:
+            checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
+        say(
+            f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
+        )
+        return done
     _seed(cfg.seed)
 
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
@@ -201,6 +209,8 @@ def fit(
     else:
         if cfg.resume:
             say(f"--resume: no checkpoint in {output}; starting from step 0")
+        if ctx.is_main:
+            checkpoint.discard_results(output)  # this output now holds an unfinished run
         distributed.broadcast_params(ctx, plist)
         if ctx.world > 1:
             torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
@@ -294,6 +304,9 @@ def fit(
                     "continue with the same command and --resume"
                 )
                 raise KeyboardInterrupt
+    if cfg.save_every and last_saved < total:
+        # The trained state, so that a kill during the final evaluation and saves resumes without retraining.
+        save_checkpoint(total)
     progress.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - t0
