@@ -87,7 +87,8 @@ def read_adapter(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     again when a concurrent save moves a file away between finding and opening it.
 
     Raises:
-        AdapterFileError: missing files, invalid JSON, or a corrupt / truncated safetensors file.
+        AdapterFileError: missing files, invalid JSON, a corrupt / truncated safetensors file, or NaN / inf
+            in a tensor (naming the key and the count).
     """
     for attempt in range(3):
         try:
@@ -122,7 +123,27 @@ def _read(path: Path, device: str | torch.device) -> AdapterFiles:
         raise AdapterFileError(
             f"{path / WEIGHTS_NAME}: unreadable safetensors file, corrupt or truncated? ({err})"
         ) from err
+    check_finite(path / WEIGHTS_NAME, tensors)
     return AdapterFiles(path, config, tensors, metadata)
+
+
+def check_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN / inf in any floating-point tensor: they would load silently and poison every output.
+
+    Raises:
+        AdapterFileError: naming the file, the first keys and how many values of each are not finite.
+    """
+    bad = []
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{key!r} has {n} of {t.numel()}")
+    if bad:
+        more = f" (and {len(bad) - 3} more tensors)" if len(bad) > 3 else ""
+        raise AdapterFileError(
+            f"{file}: non-finite values (NaN / inf): {'; '.join(bad[:3])}{more}; expected finite numbers"
+        )
 
 
 def write_adapter(

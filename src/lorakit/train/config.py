@@ -79,6 +79,7 @@ class TrainConfig:
                 f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid: expected {expected}"
             )
 
+        _check_types(self, bad)
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
         if self.quantize not in QUANTIZE:
@@ -149,6 +150,44 @@ class TrainConfig:
         from ..atomic import write_text
 
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_INTS = ("rank", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "log_every", "seed",
+         "loss_chunk", "steps")  # fmt: skip
+_NUMBERS = ("alpha", "dropout", "epochs", "lr", "warmup", "weight_decay", "max_grad_norm")
+_FLAGS = ("gradient_checkpointing", "resume", "train_embeddings", "skip_bad_rows")
+_STRINGS = ("model", "data", "eval_data", "output", "mode", "quantize", "new_tokens", "dtype")
+
+
+def _check_types(cfg: TrainConfig, bad) -> None:
+    """Each option's type before its range: booleans are not numbers, numbers are finite (a YAML `1e-4`
+    is a string to YAML 1.1, and gets a message saying so)."""
+    import math
+
+    for name in _INTS:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise bad(name, "an integer")
+    if not 0 <= cfg.seed < 2**63:
+        raise bad("seed", "an integer in [0, 2**63)")
+    for name in _NUMBERS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            raise bad(name, "a number (YAML reads 1e-4 as a string: write 1.0e-4)")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad(name, "a finite number")
+    for name in _FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    for name in _STRINGS:
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            raise bad(name, "a string")
+    if not isinstance(cfg.targets, str) and not (
+        isinstance(cfg.targets, list) and all(isinstance(t, str) for t in cfg.targets)
+    ):
+        raise bad("targets", "module names (a comma-separated string or a list) or a regex")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
