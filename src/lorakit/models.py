@@ -107,7 +107,7 @@ def load_model(
     path = model_dir(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"local_files_only": True}
+    kwargs: dict = {"local_files_only": True, "use_safetensors": True}  # never a pickle
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if quantize != "none":
@@ -161,6 +161,7 @@ def model_dir(spec: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+        _check_safetensors(path)
         return path
     if path.is_file():
         raise FileNotFoundError(
@@ -171,6 +172,26 @@ def model_dir(spec: str | os.PathLike) -> Path:
         "downloads models; if this is a hub id, download it first (e.g. `huggingface-cli download "
         f"{spec} --local-dir DIR`) and pass the directory"
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(path: Path) -> None:
+    """A model directory must hold safetensors weights: pickle files are never loaded (they can run code).
+
+    Raises:
+        FileNotFoundError: no *.safetensors file (naming the pickle files found instead, if any).
+    """
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise FileNotFoundError(
+            f"{path}: the weights are pickle files ({', '.join(pickles[:3])}), which lorakit never loads (they "
+            "can run code); convert them to model.safetensors in a trusted environment first"
+        )
+    raise FileNotFoundError(f"{path}: no model weights (*.safetensors) in this directory")
 
 
 def converted_gguf(gguf: Path) -> Path:

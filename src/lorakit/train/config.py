@@ -202,8 +202,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 YAML"
+        ) from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except RecursionError as err:
+        raise ValueError(f"{path}: YAML nested too deeply; expected a mapping of options") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
