@@ -73,6 +73,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"--output {output} exists and is not a directory; expected a directory (or a new path)"
+        )
     done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
     if done is not None:
         if ctx.is_main:
