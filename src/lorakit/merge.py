@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers
+from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers, replace_module
 from .layers import LoraLayer, unwrap, unwrap_saved
 
 
@@ -80,15 +80,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_active(model)
     elif not merge:
         unmerge(model)
-    for name, layer in list(adapter_layers(model)):
+    for path, layer in list(adapter_layers(model)):
         if isinstance(layer, LoraLayer):
             plain = unwrap(layer)
         elif merge and layer.active:
             plain = layer.lora_copies[layer.active[0]]
         else:
             plain = unwrap_saved(layer)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+        replace_module(model, path, plain)
     adapter_records(model).clear()
     model.__dict__["lorakit_active"] = []
+    model.__dict__.pop("lorakit_slots", None)  # slots.RowSlots: nothing left to serve per row
     return model

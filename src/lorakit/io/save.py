@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
+from .. import functional as LF
 from ..adapters import Adapter, get_adapter
 from ..config import LoraConfig
 from ..inject import compact_targets, model_modules
@@ -47,18 +48,15 @@ def save_adapter(
     for module_name in adapter.lora_modules:
         layer = model.get_submodule(module_name)
         w: LoraWeights = layer.lora[name]
-        A, B = w.A.detach(), w.B.detach()
-        init = getattr(w, "pissa_init", None)
-        if init is not None:
+        found = {kind: t.detach() for kind, t in w.variant.tensors(w).items()}
+        if w.pissa_init is not None:
             # ΔW - ΔW₀ = s·(B A - B₀ A₀) = s·[B, -B₀] [A; A₀]: a plain rank-2r LoRA on the untouched base.
-            A0, B0 = init
-            A = torch.cat([A, A0.to(A.dtype)], dim=0)
-            B = torch.cat([B, -B0.to(B.dtype)], dim=1)
+            A0, B0 = w.pissa_init
+            A, B = found["A"], found["B"]
+            found["A"], found["B"] = LF.concat_factors([(A, B, 1.0), (A0.to(A.dtype), B0.to(B.dtype), -1.0)])
             pissa = True
-        tensors[keys.key(module_name, "A", layer)] = A
-        tensors[keys.key(module_name, "B", layer)] = B
-        if w.magnitude is not None:
-            tensors[keys.key(module_name, "magnitude")] = w.magnitude.detach()
+        for kind, t in found.items():
+            tensors[keys.key(module_name, kind, layer)] = t
     written: set[int] = set()
     # Embeddings first: a tied output head shares the embedding's TokenWeights; PEFT saves them once, on
     # the embedding. An untied head has its own rows and saves them under its own name.
