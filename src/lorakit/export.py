@@ -70,8 +70,6 @@ def export_merged(
     # not those bit for bit, so the check is skipped only in that case.
     tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized)
     merged = unload(base, merge=True).to(torch_dtype)
-    if hasattr(merged.config, "lorakit_source"):
-        del merged.config.lorakit_source
     merged.config.dtype = torch_dtype
 
     out.parent.mkdir(parents=True, exist_ok=True)

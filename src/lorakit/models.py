@@ -100,7 +100,6 @@ def load_model(
         ImportError: quantization without bitsandbytes installed.
         AdapterFileError: (a ValueError) the adapter directory is missing, malformed or does not fit.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r} is invalid: expected one of {QUANTIZE}")
     torch_dtype = resolve_dtype(dtype)
@@ -122,7 +121,6 @@ def load_model(
         tokenizer = _with_adapter(model, tokenizer, adapter)
     if device is not None and quantize == "none":
         model.to(device)
-    model.config.lorakit_source = str(spec)
     return model.eval(), tokenizer
 
 

@@ -34,6 +34,7 @@ from ..data import collate
 from ..losses import causal_lm_loss
 from . import checkpoint, distributed
 from .config import TrainConfig
+from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
 
 
@@ -330,22 +331,10 @@ def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-@torch.no_grad()
 def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> dict[str, float]:
-    """Token-averaged loss and perplexity of `model` on `examples` (eval mode, then back to train mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-            s, k = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk)
-            total, count = total + float(s), count + k
-    finally:
-        model.train(was_training)
-    loss = total / max(1, count)
-    return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50.0)), 4)}
+    """Token-averaged loss and perplexity of `model` on `examples` (evaluate.heldout_loss)."""
+    loss, _ = heldout_loss(model, examples, batch_size, pad_id, chunk)
+    return {"eval_loss": round(loss, 6), "eval_perplexity": round(perplexity(loss), 4)}
 
 
 class _Silent:
