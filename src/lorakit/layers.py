@@ -177,7 +177,8 @@ class LoraLayer:
         y = super().forward(x, *args, **kwargs)
         if self.disabled:
             return y
-        mapping = rowstate.current()
+        # Under torch.compile: the plain math only (per-row mappings are an eager, serving-time feature).
+        mapping = None if torch.compiler.is_compiling() else rowstate.current()
         if mapping is not None and mapping.covers(self):
             return self._forward_rows(mapping, x, y)
         for name in self.live_adapters():
@@ -293,7 +294,10 @@ class LinearLike(LoraLayer):
     """
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs or not fast.enabled() or self.disabled or rowstate.current() is not None:
+        # torch.compile traces the plain path (functional.lora_linear): it compiles without graph breaks.
+        if torch.compiler.is_compiling() or args or kwargs or not fast.enabled() or self.disabled:
+            return super().forward(x, *args, **kwargs)
+        if rowstate.current() is not None:
             return super().forward(x, *args, **kwargs)
         live = self.live_adapters()
         if not live or any(n in self.tokens for n in live):
