@@ -267,6 +267,10 @@ def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
         again = model(x).logits
     assert slots.index_of("a") == 0 and slots.rmax == 6
     torch.testing.assert_close(again, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lorakit.per_row_adapters(model, ["c", "a"]):  # full: "c" replaces unused "b"
+        assert slots.names == ["a", "c"]
+    with pytest.raises(RuntimeError, match="slots hold 2"), lorakit.per_row_adapters(model, ["a", "b", "c"]):
+        pass
     plain = lorakit.unload(model, merge=False)
     assert not any("slot" in k for m in plain.modules() for k in m.__dict__)  # nothing was put on layers
     assert SLOTS_ATTR not in plain.__dict__  # and unload drops the model-level slots

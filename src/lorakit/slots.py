@@ -243,12 +243,12 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     """Inside, batch row i uses adapter names[i] alone (None: the base model). Inference (no_grad) uses the
     slots; with gradients each group of rows runs the adapter's own (differentiable) path.
 
-    With `RowSlots` attached to the model, adapters not yet resident are loaded into free slots; without,
-    temporary slots are written for this block. Everything an adapter carries applies per row: LoRA, DoRA,
+    With `RowSlots` attached to the model, adapters not yet resident are loaded into free slots (or in place
+    of resident ones this batch does not use); without, temporary slots are written for this block. Everything an adapter carries applies per row: LoRA, DoRA,
     trainable tokens and modules_to_save.
 
     Raises:
-        KeyError: an unknown name. RuntimeError: merged adapters, or no free slot for a name.
+        KeyError: an unknown name. RuntimeError: merged adapters, or more adapters than slots.
     """
     for n in names:
         if n is not None:
@@ -259,8 +259,12 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     slots = attached_slots(model)
     if slots is None:
         slots = RowSlots(model, max(len(distinct), 1), attach=False)
+    if len(distinct) > slots.capacity:
+        raise RuntimeError(f"{len(distinct)} adapters in one batch, but the slots hold {slots.capacity}")
     for n in distinct:
         if slots.index_of(n) is None:
+            if None not in slots.names:  # full: replace a resident adapter this batch does not use
+                slots.evict(next(r for r in slots.names if r not in distinct))
             slots.load(n)
     with rowstate.using(slots.mapping(names)):
         yield model

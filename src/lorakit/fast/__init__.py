@@ -22,9 +22,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-from .linear import add_lora_inplace, lora_linear_train
+from .linear import lora_linear_train
 
-__all__ = ["add_lora_inplace", "enabled", "lora_linear_train", "plain_path"]
+__all__ = ["enabled", "lora_linear_train", "plain_path"]
 
 _state = threading.local()
 

@@ -167,14 +167,3 @@ def lora_linear_train(
     seed = draw_seed() if p > 0.0 else 0
     Ws, bs, As, Bs, scales = zip(*layers)
     return LoraLinearFunction.apply(x, p, seed, tuple(scales), addmm_bias, *Ws, *bs, *As, *Bs)
-
-
-@torch.no_grad()
-def add_lora_inplace(y: Tensor, x: Tensor, factors) -> Tensor:
-    """y += Σ s · (x Aᵀ) Bᵀ over `factors` ((A, B, scale) each), in place, no grad (`functional.lora_into_`).
-
-    x (..., in), y (..., out) a fresh output (not a view of anything the caller keeps).
-    """
-    for A, B, s in factors:
-        LF.lora_into_(y, x, A, B, s)
-    return y
