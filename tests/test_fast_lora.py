@@ -189,8 +189,14 @@ def test_fallbacks_still_correct(ids):
 @pytest.mark.parametrize("seq", [7, 60])  # 5×7 tokens: the stacked decode path; 5×60 > STACK_TOKENS: runs
 # Three adapters meet on q_proj / up_proj in the last case: STACK_AT_ONCE, stacked from the first call.
 @pytest.mark.parametrize(
-    "names", [["a", "a", "b", None, "b"], ["b", "a", None, "a", "b"], ["c", "a", "b", None, "c"]]
-)
+    "names",
+    [
+        ["a", "a", "b", None, "b"],
+        ["b", "a", None, "a", "b"],
+        ["c", "a", "b", None, "c"],
+        ["a", "b", "a", "c", "a"],
+    ],
+)  # the last: "a" on 3 runs, past MAX_RUNS: gathered and written back
 def test_per_row_runs_match_single_adapter_rows(names, seq):
     model = tiny_llama()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
