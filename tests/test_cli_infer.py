@@ -193,3 +193,15 @@ def test_eval_cli_json_matches_evaluate(trained, tmp_path, capsys):
     assert with_adapter["exact_match"] is None and with_adapter["loss"] > 0
     assert main(["eval", "--model", str(base), "--data", str(text), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] != with_adapter["loss"]
+
+
+def test_sampled_generate_text_leaves_the_global_rng_alone():
+    """generate_text seeds its sampling in a fork of torch's RNG: the caller's stream is untouched."""
+    from lorakit.generation import generate_text
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = generate_text(model, tok, PROMPT, max_new_tokens=4, temperature=1.0, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert generate_text(model, tok, PROMPT, max_new_tokens=4, temperature=1.0, seed=5) == first

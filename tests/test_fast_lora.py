@@ -189,8 +189,14 @@ def test_fallbacks_still_correct(ids):
 @pytest.mark.parametrize("seq", [7, 60])  # 5×7 tokens: the stacked decode path; 5×60 > STACK_TOKENS: runs
 # Three adapters meet on q_proj / up_proj in the last case: STACK_AT_ONCE, stacked from the first call.
 @pytest.mark.parametrize(
-    "names", [["a", "a", "b", None, "b"], ["b", "a", None, "a", "b"], ["c", "a", "b", None, "c"]]
-)
+    "names",
+    [
+        ["a", "a", "b", None, "b"],
+        ["b", "a", None, "a", "b"],
+        ["c", "a", "b", None, "c"],
+        ["a", "b", "a", "c", "a"],
+    ],
+)  # the last: "a" on 3 runs, past MAX_RUNS: gathered and written back
 def test_per_row_runs_match_single_adapter_rows(names, seq):
     model = tiny_llama()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"), name="a")
@@ -213,46 +219,147 @@ def test_per_row_runs_match_single_adapter_rows(names, seq):
             torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_stacked_factors_kept_across_contexts_but_never_stale():
-    """A server enters one per_row context per decode step: the stacked factors are reused between contexts
-    while the adapters are untouched, and rebuilt when one changes (in place, or replaced by a new load)."""
-    from lorakit.fast.rows import ROW_STACK_ATTR
+def _rows_reference(model, x, names):
+    rows = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n is None:
+                with lorakit.disable_adapters(model):
+                    rows.append(model(x[i : i + 1]).logits)
+            else:
+                lorakit.set_adapter(model, n)
+                rows.append(model(x[i : i + 1]).logits)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("seq", [3, 60])  # 4×3 tokens: stacked; 4×60 > STACK_TOKENS: by runs
+def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
+    """Attached RowSlots hold copies written at load (vLLM's set_lora / reset_lora): per_row_adapters reads
+    them and builds nothing; an in-place change shows only after a reload; delete_adapter evicts."""
+    from lorakit.slots import SLOTS_ATTR
 
     model = tiny_llama()
     for i, name in enumerate("abc"):
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=2 + i, targets=["q_proj"]), name=name)
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=2 + i, targets=["q_proj", "up_proj"]), name=name)
     randomize_adapters(model)
-    names = ["a", "b", "c", "a"]
-    x = torch.randint(3, 128, (4, 3), generator=torch.Generator().manual_seed(3))  # q matters from 2 tokens
-    q = model.model.layers[0].self_attn.q_proj
+    slots = lorakit.RowSlots(model, capacity=2)
+    assert slots.load("a") == 0 and slots.load("b") == 1
+    with pytest.raises(RuntimeError, match="slots are in use"):
+        slots.load("c")
+    names = ["b", "a", None, "b"]
+    x = torch.randint(3, 128, (4, seq), generator=torch.Generator().manual_seed(3))
 
     def mixed():
         with torch.no_grad(), lorakit.per_row_adapters(model, names):
             return model(x).logits
 
-    def reference():
-        rows = []
-        with torch.no_grad():
-            for i, n in enumerate(names):
-                lorakit.set_adapter(model, n)
-                rows.append(model(x[i : i + 1]).logits)
-        return torch.cat(rows)
-
     first = mixed()
-    kept = q.__dict__[ROW_STACK_ATTR]
-    torch.testing.assert_close(mixed(), first, rtol=0, atol=0)
-    assert q.__dict__[ROW_STACK_ATTR][2] is kept[2]  # reused, not rebuilt
-    torch.testing.assert_close(first, reference(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    q = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q.lora["b"].B.mul_(3.0)  # an in-place update (what an optimizer step does)
+    torch.testing.assert_close(mixed(), first, rtol=0, atol=0)  # the slot is a copy taken at load
+    slots.load("b")  # reload: written again into its own slot
+    assert slots.index_of("b") == 1
     changed = mixed()
-    assert q.__dict__[ROW_STACK_ATTR][2] is not kept[2]
     assert not torch.allclose(changed, first)
-    torch.testing.assert_close(changed, reference(), rtol=1e-5, atol=1e-5)
-    lorakit.delete_adapter(model, "c")
-    lorakit.add_adapter(
-        model, lorakit.LoraConfig(r=4, targets=["q_proj"]), name="c"
-    )  # same name, new tensors
+    torch.testing.assert_close(changed, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    lorakit.delete_adapter(model, "a")
+    assert slots.names == [None, "b"]
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=6, targets=["q_proj"]), name="a")  # a larger rank
     randomize_adapters(model, seed=9)
-    torch.testing.assert_close(mixed(), reference(), rtol=1e-5, atol=1e-5)
-    assert ROW_STACK_ATTR not in lorakit.unload(model, merge=False).model.layers[0].self_attn.q_proj.__dict__
+    slots.load("b")
+    with torch.no_grad(), lorakit.per_row_adapters(model, names):  # "a" loads into the free slot
+        again = model(x).logits
+    assert slots.index_of("a") == 0 and slots.rmax == 6
+    torch.testing.assert_close(again, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lorakit.per_row_adapters(model, ["c", "a"]):  # full: "c" replaces unused "b"
+        assert slots.names == ["a", "c"]
+    with pytest.raises(RuntimeError, match="slots hold 2"), lorakit.per_row_adapters(model, ["a", "b", "c"]):
+        pass
+    plain = lorakit.unload(model, merge=False)
+    assert not any("slot" in k for m in plain.modules() for k in m.__dict__)  # nothing was put on layers
+    assert SLOTS_ATTR not in plain.__dict__  # and unload drops the model-level slots
+
+
+@pytest.mark.parametrize("seq", [4, 70])
+def test_per_row_dora_tokens_and_saved_modules_equal_each_alone(seq):
+    """What other servers refuse per row: DoRA, trainable tokens (embedding and untied head rows) and a
+    modules_to_save copy, each in a mixed batch, equal to running each adapter alone on its rows."""
+    model = tiny_llama(tie=True)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], use_dora=True), name="d")
+    lorakit.add_adapter(
+        model, lorakit.LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[5, 9]), "t"
+    )
+    lorakit.add_adapter(
+        model, lorakit.LoraConfig(r=2, targets=["k_proj"], modules_to_save=["norm"]), name="s"
+    )
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=3, targets=["q_proj", "o_proj"]), name="p")
+    randomize_adapters(model, std=0.3)
+    names = ["d", "t", None, "s", "p", "d"]
+    x = torch.randint(3, 128, (len(names), seq), generator=torch.Generator().manual_seed(4))
+    x[:, 1] = 5  # the trainable token rows matter
+    with torch.no_grad(), lorakit.per_row_adapters(model, names):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+
+
+def _fused_reference_dropout(monkeypatch):
+    """The plain path's F.dropout replaced by the fast path's masks: one per distinct input tensor, in call
+    order, so projections reading the same x share one (as the fused Function draws it)."""
+    seeds = iter(range(100, 400))
+    last: dict = {}
+
+    def masked(x, p, training=True, inplace=False):
+        if last.get("x") is not x:
+            keep, scale = FL.dropout_keep_mask(
+                tuple(x.reshape(-1, x.shape[-1]).shape), p, next(seeds), x.device
+            )
+            last.update(x=x, keep=keep.view(x.shape), scale=scale)
+        return x * last["keep"] * last["scale"]
+
+    monkeypatch.setattr(LF.F, "dropout", masked)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_projections_match_plain_path(dropout, monkeypatch, ids):
+    """q/k/v and gate/up train as one Function call each (one matmul of x with the stacked A, one dx): the
+    outputs and every gradient equal the plain path's, with the shared dropout mask."""
+    model = tiny_llama().train()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear"))
+    randomize_adapters(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused is not None
+    calls = []
+    real = FL.LoraLinearFunction.apply
+    monkeypatch.setattr(FL.LoraLinearFunction, "apply", lambda *a: calls.append(len(a[3])) or real(*a))
+    seeds = iter(range(100, 400))
+    monkeypatch.setattr(FL, "draw_seed", lambda: next(seeds))
+    out, grads = _grads(model, ids)
+    assert sorted(set(calls)) == [1, 2, 3] and calls.count(3) == 2  # q/k/v fused in each of the 2 layers
+    _fused_reference_dropout(monkeypatch)
+    with plain_path():
+        ref_out, ref_grads = _grads(model, ids)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(ref_grads) > 10
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_fused_group_with_one_sibling_not_called_or_other_input(ids):
+    """A sibling called with another tensor computes alone; unused fused outputs get no gradient."""
+    model = tiny_llama().train()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets=["q_proj", "k_proj", "v_proj"]))
+    randomize_adapters(model)
+    q = model.model.layers[0].self_attn.q_proj
+    k = model.model.layers[0].self_attn.k_proj
+    x = torch.randn(2, 5, q.in_features, requires_grad=True)
+    other = torch.randn(2, 5, q.in_features)
+    yq, yk = q(x), k(other)  # k reads another input: its handed-over output is not used
+    (yq.sum() + yk.sum()).backward()
+    with plain_path():
+        x2 = x.detach().clone().requires_grad_(True)
+        refq, refk = q(x2), k(other)
+    torch.testing.assert_close(yq, refq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(yk, refk, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(refq.sum(), x2)[0], rtol=1e-5, atol=1e-6)

@@ -233,7 +233,7 @@ BAD = {
         r"q_proj\.lora_A\.weight.*torch\.int32",
     ),
     "not-lora": (lambda p: _edit_config(p, lambda c: c.update(peft_type="IA3")), r"adapter_config\.json: peft_type"),
-    "bad-config-type": (lambda p: _edit_config(p, lambda c: c.update(rank_pattern=["v_proj"])), r"adapter_config\.json: invalid config"),
+    "bad-config-type": (lambda p: _edit_config(p, lambda c: c.update(rank_pattern=["v_proj"])), r"adapter_config\.json: LoraConfig\.rank_pattern=\['v_proj'\] is invalid: expected a mapping"),
     "targets-nothing": (lambda p: _edit_config(p, lambda c: c.update(target_modules=["nope_proj"])), r"adapter_config\.json: targets"),
 }  # fmt: skip
 

@@ -126,10 +126,11 @@ def test_per_row_adapters_equal_each_adapter_alone(ids):
     assert not torch.allclose(after[2:3], expected[2], atol=1e-3)  # the base row inside the plan gets "b" now
 
 
-def test_per_row_refuses_dora_and_unknown_names(ids):
+def test_per_row_refuses_unknown_names_and_merged(ids):
     model = _two_adapters()
     with pytest.raises(KeyError, match="nope"), lorakit.per_row_adapters(model, ["a", "nope"]):
         pass
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, targets=["q_proj"], use_dora=True), name="d")
-    with pytest.raises(RuntimeError, match="DoRA"), lorakit.per_row_adapters(model, ["d", None]):
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"), lorakit.per_row_adapters(model, ["a", None]):
         pass

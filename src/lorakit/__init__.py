@@ -15,13 +15,13 @@ from .adapters import (
     delete_adapter,
     disable_adapters,
     get_adapter,
-    per_row_adapters,
     set_adapter,
     trainable_parameters,
 )
 from .config import LoraConfig
 from .io import AdapterFileError, load_adapter, save_adapter
 from .merge import is_merged, merge, unload, unmerge
+from .slots import RowSlots, per_row_adapters
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "AdapterFileError",
     "LoraConfig",
     "ParamCount",
+    "RowSlots",
     "active_adapters",
     "adapter_records",
     "add_adapter",

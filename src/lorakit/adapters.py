@@ -17,19 +17,12 @@ import torch.nn as nn
 
 from . import functional as LF
 from .config import LoraConfig
+from .fast.fused import CROSS_ATTENTION_NAMES, FUSED_SETS, FusedGroup
 from .fingerprint import combine, weight_digest
-from .inject import find_modules, find_targets, model_modules
-from .layers import (
-    LinearLike,
-    LoraLayer,
-    RowPlan,
-    SavedModule,
-    lora_class_for,
-    unwrap,
-    unwrap_saved,
-    wrap,
-    wrap_saved,
-)
+from .inject import find_modules, find_targets, model_modules, tied_heads
+from .layers import LinearLike, LoraLayer, lora_class_for, unwrap, wrap
+from .saved import SavedModule, unwrap_saved, wrap_saved
+from .variants import variant_for
 
 
 @dataclass
@@ -77,13 +70,15 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | SavedMod
             yield name, module
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at module path `path` (e.g. "model.layers.0.self_attn.q_proj") of `model`."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
 
 
-def _check_name(name: str) -> None:
+def check_adapter_name(name: str) -> None:
+    """Raise ValueError unless `name` is a valid adapter name (non-empty, no '.' or '/': it becomes a key)."""
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ValueError(f"adapter name {name!r} is invalid: expected a non-empty string without '.' or '/'")
 
@@ -100,7 +95,7 @@ def add_adapter(
             or modules_to_save overlapping the LoRA targets. The model is unchanged on any error.
     """
     config = config or LoraConfig()
-    _check_name(name)
+    check_adapter_name(name)
     if name in adapter_records(model):
         raise ValueError(f"adapter {name!r} already exists on this model")
     if any(isinstance(m, LoraLayer) and m.merged for _, m in lora_layers(model)):
@@ -111,32 +106,29 @@ def add_adapter(
         raise ValueError(
             f"modules {sorted(set(saved) & set(targets))} are both LoRA targets and modules_to_save"
         )
-    token_plan = _token_plan(model, config)
-    for n in targets if config.use_dora or config.init == "pissa" else []:
-        module = model.get_submodule(n)
-        cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
-        if not issubclass(cls, LinearLike):
-            what = "use_dora" if config.use_dora else "init='pissa'"
-            raise ValueError(f"{what}: module {n!r} is a {type(module).__name__}; it needs Linear or Conv1D")
+    tokens = token_plan(model, config)
+    _check_fits(model, targets, saved, config)
 
     adapter = Adapter(name, config)
     try:
         for n in targets:
             _add_lora(model, n, name, config)
             adapter.lora_modules.append(n)
-        for n, indices in token_plan.items():
+        for n, indices in tokens.items():
             adapter.token_modules += _add_tokens(model, n, name, indices)
         for n in saved:
-            layer = wrap_saved(model.get_submodule(n))
-            _replace(model, n, layer)
+            layer = wrap_saved(model.get_submodule(n))  # _check_fits: not a LoRA layer
+            replace_module(model, n, layer)
             layer.add_copy(name)
             adapter.saved_modules.append(n)
             adapter.tied_modules += _tie_saved_heads(model, n, name, saved)
     except Exception:
         _remove_from_layers(model, name)
+        _layers_changed(model)
         raise
     adapter.fingerprint = base_fingerprint(model, adapter.lora_modules + adapter.token_modules)
     adapter_records(model)[name] = adapter
+    _layers_changed(model)
     _freeze_base(model)
     if activate:
         set_adapter(model, name)
@@ -145,11 +137,29 @@ def add_adapter(
     return model
 
 
-def _add_lora(model: nn.Module, module_name: str, name: str, config: LoraConfig) -> None:
-    layer = wrap(model.get_submodule(module_name))
-    _replace(model, module_name, layer)
-    r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
-    w = layer.add_lora(name, r, alpha, config.dropout, config.use_rslora, config.use_dora, config.init)
+def _check_fits(model: nn.Module, targets: list[str], saved: list[str], config: LoraConfig) -> None:
+    """Raise ValueError (model untouched) for a variant or init that needs Linear / Conv1D on another layer
+    kind, or a modules_to_save entry that is already a LoRA layer."""
+    linear_only = variant_for(config.use_dora).linear_only
+    for path in targets if linear_only or config.init == "pissa" else []:
+        module = model.get_submodule(path)
+        cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
+        if not issubclass(cls, LinearLike):
+            what = "use_dora" if config.use_dora else "init='pissa'"
+            raise ValueError(
+                f"{what}: module {path!r} is a {type(module).__name__}; it needs Linear or Conv1D"
+            )
+    for path in saved:
+        if isinstance(model.get_submodule(path), LoraLayer):
+            raise ValueError(f"module {path!r} cannot be both a LoRA target and in modules_to_save")
+
+
+def _add_lora(model: nn.Module, module_path: str, name: str, config: LoraConfig) -> None:
+    layer = wrap(model.get_submodule(module_path))
+    replace_module(model, module_path, layer)
+    r, alpha = config.rank_for(module_path), config.alpha_for(module_path)
+    variant = variant_for(config.use_dora)
+    w = layer.add_lora(name, r, alpha, config.dropout, config.use_rslora, init=config.init, variant=variant)
     if config.init == "pissa":
         with torch.no_grad():
             A, B, W_res = LF.pissa_factors(layer._weight_out_in(), r, w.scale)
@@ -160,7 +170,9 @@ def _add_lora(model: nn.Module, module_name: str, name: str, config: LoraConfig)
             w.pissa_init = (A.clone(), B.clone())
 
 
-def _token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
+def token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
+    """{module path: trainable row indices} that `config.trainable_token_indices` asks for (a list: the input
+    embedding). Raises ValueError for a module that matches nothing or is not an Embedding / untied Linear."""
     spec = config.trainable_token_indices
     if not spec:
         return {}
@@ -194,18 +206,17 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 def _add_tokens(model: nn.Module, module_name: str, name: str, indices: list[int]) -> list[str]:
     layer = wrap(model.get_submodule(module_name))
-    _replace(model, module_name, layer)
+    replace_module(model, module_name, layer)
     tokens = layer.add_tokens(name, indices)
     names = [module_name]
     if not isinstance(layer, nn.Embedding):
         return names
     # A tied output head reads the same rows: give it the same TokenWeights so its logits follow.
-    for n, m in model_modules(model):
-        if n != module_name and isinstance(m, nn.Linear) and getattr(m, "weight", None) is layer.weight:
-            head = wrap(m)
-            _replace(model, n, head)
-            head.tokens[name] = tokens
-            names.append(n)
+    for n, m in tied_heads(model, module_name):
+        head = wrap(m)
+        replace_module(model, n, head)
+        head.tokens[name] = tokens
+        names.append(n)
     return names
 
 
@@ -220,13 +231,11 @@ def _tie_saved_heads(model: nn.Module, module_name: str, name: str, saved: list[
         return []
     copy = emb.lora_copies[name]
     tied = []
-    for n, m in model_modules(model):
-        if n in saved or n == module_name or not isinstance(m, nn.Linear) or isinstance(m, LoraLayer):
-            continue
-        if getattr(m, "weight", None) is not emb.weight:
+    for n, m in tied_heads(model, module_name):
+        if n in saved or isinstance(m, LoraLayer):
             continue
         head = wrap_saved(m)
-        _replace(model, n, head)
+        replace_module(model, n, head)
         head_copy = head.base_class.__new__(head.base_class)
         skip = ("active", "disabled", "base_class")
         head_copy.__dict__.update({k: v for k, v in head.__dict__.items() if k not in skip})
@@ -277,7 +286,7 @@ def _remove_from_layers(model: nn.Module, name: str) -> None:
         layer.remove(name)
         empty = not (layer.lora or layer.tokens) if isinstance(layer, LoraLayer) else not layer.lora_copies
         if empty:
-            _replace(
+            replace_module(
                 model, module_name, unwrap(layer) if isinstance(layer, LoraLayer) else unwrap_saved(layer)
             )
 
@@ -299,11 +308,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         if isinstance(layer, SavedModule) and len(present) > 1:
             raise RuntimeError(f"adapters {list(present)} each have their own copy of {module_name!r}")
         if isinstance(layer, LoraLayer) and len(present) > 1:
-            dora = [n for n in present if n in layer.lora and layer.lora[n].magnitude is not None]
-            if dora:
+            alone = [n for n in present if n in layer.lora and layer.lora[n].variant.exclusive]
+            if alone:
                 # DoRA rescales the whole weight, so "sum of deltas" has no single meaning next to it.
+                kind = layer.lora[alone[0]].variant.kind
                 raise RuntimeError(
-                    f"DoRA adapter {dora[0]!r} cannot be active with others on {module_name!r}"
+                    f"{kind} adapter {alone[0]!r} cannot be active with others on {module_name!r}"
                 )
         layer.active = present
     for adapter in adapter_records(model).values():
@@ -362,43 +372,34 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _remove_from_layers(model, name)
     del adapter_records(model)[name]
     model.__dict__["lorakit_active"] = [n for n in active_adapters(model) if n != name]
+    _layers_changed(model)
 
 
-@contextlib.contextmanager
-def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside, batch row i uses adapter names[i] alone (None: the base model). Inference only.
+def _layers_changed(model: nn.Module) -> None:
+    """After layers were wrapped or unwrapped: relink the fused projections, let attached slots follow."""
+    link_fused(model)
+    slots = model.__dict__.get("lorakit_slots")  # slots.RowSlots, when per-row serving attached one
+    if slots is not None:
+        slots.refresh()
 
-    Rows are grouped by adapter, and each LoRA layer runs one small matmul per group over that group's rows.
 
-    Raises:
-        KeyError: an unknown name. RuntimeError: merged adapters, DoRA, or adapters with trainable tokens /
-            saved modules (these change whole modules, not rows).
-    """
-    known = adapter_records(model)
-    for n in names:
-        if n is not None:
-            get_adapter(model, n)
-            a = known[n]
-            if a.config.use_dora or a.token_modules or a.saved_modules:
-                raise RuntimeError(
-                    f"adapter {n!r} uses DoRA, trainable tokens or modules_to_save: not per-row"
-                )
-    layers = [layer for _, layer in lora_layers(model)]
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    groups: dict[str, list[int]] = {}
-    for row, n in enumerate(names):
-        if n is not None:
-            groups.setdefault(n, []).append(row)
-    plan = RowPlan({n: torch.tensor(rows, device=device) for n, rows in groups.items()})
-    for layer in layers:
-        layer.row_plan = plan
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.row_plan = None
+def link_fused(model: nn.Module) -> None:
+    """Group the sibling projections that read one input (fast/fused.py FUSED_SETS) into FusedGroups, so
+    training runs each group as one call of the hand-derived Function. Explicit state, set when layers
+    change; a group's members need not all carry adapters (those without one compute alone)."""
+    by_parent: dict[str, dict[str, LinearLike]] = {}
+    for path, layer in lora_layers(model):
+        layer.fused = None
+        parent, _, leaf = path.rpartition(".")
+        if isinstance(layer, LinearLike) and not any(c in parent for c in CROSS_ATTENTION_NAMES):
+            by_parent.setdefault(parent, {})[leaf] = layer
+    for siblings in by_parent.values():
+        for names in FUSED_SETS:
+            members = [siblings[n] for n in names if n in siblings]
+            if len(members) > 1 and len({m._in_out()[0] for m in members}) == 1:
+                group = FusedGroup(members)
+                for m in members:
+                    m.fused = group
 
 
 class ParamCount(NamedTuple):

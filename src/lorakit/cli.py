@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 # Concern packages that contribute subcommands, in help order.
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The CLI never downloads (models.load_model passes local_files_only): no hub calls from this process.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -40,10 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
-        # Errors the library raises for bad input carry a message meant for the user: no traceback.
-        print(f"lorakit: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, KeyError, ImportError) as err:
+        # Errors the library raises for bad input carry a message meant for the user: no traceback. OSError:
+        # a path the user gave (permissions, a directory for a file, a full disk); ImportError: a missing extra.
+        print(f"lorakit: error: {_message(err)}", file=sys.stderr)
         return 1
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]  # str(KeyError) would add quotes around the message
+    if isinstance(err, RecursionError):
+        return "input nested too deeply (maximum recursion depth exceeded)"
+    return str(err) or type(err).__name__
 
 
 def _version() -> str:

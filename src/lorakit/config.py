@@ -69,6 +69,10 @@ class LoraConfig:
             self.alpha = 2 * self.r
         if isinstance(self.targets, tuple | set):
             self.targets = sorted(self.targets)
+        for name in ("exclude", "modules_to_save", "layers_to_transform"):
+            value = getattr(self, name)
+            if isinstance(value, tuple | set):  # PEFT's config objects hold sets
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         self.validate()
@@ -77,6 +81,7 @@ class LoraConfig:
         def bad(name: str, value: Any, expected: str) -> ValueError:
             return ValueError(f"LoraConfig.{name}={value!r} is invalid: expected {expected}")
 
+        _check_types(self, bad)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise bad("r", self.r, "a positive integer")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha == 0:
@@ -192,13 +197,13 @@ class LoraConfig:
                 alpha_pattern=data.get("alpha_pattern") or {},
                 layers_to_transform=data.get("layers_to_transform"),
                 layers_pattern=data.get("layers_pattern"),
-                use_rslora=bool(data.get("use_rslora", False)),
-                use_dora=bool(data.get("use_dora", False)),
+                use_rslora=_flag(data, "use_rslora"),
+                use_dora=_flag(data, "use_dora"),
                 init="default" if init == "pissa" else init,
                 bias=data.get("bias", "none"),
                 modules_to_save=data.get("modules_to_save"),
                 trainable_token_indices=data.get("trainable_token_indices"),
-                fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+                fan_in_fan_out=_flag(data, "fan_in_fan_out"),
                 base_model_name_or_path=data.get("base_model_name_or_path"),
             )
         except ValueError as err:
@@ -206,6 +211,68 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _check_types(cfg: LoraConfig, bad) -> None:
+    """Every field's type (booleans are not numbers, numbers are finite), before the value checks."""
+    if not _is_int(cfg.r):
+        raise bad("r", cfg.r, "a positive integer")
+    if not _is_number(cfg.alpha):
+        raise bad("alpha", cfg.alpha, "a finite non-zero number")
+    if not _is_number(cfg.dropout):
+        raise bad("dropout", cfg.dropout, "a probability in [0, 1)")
+    if not (isinstance(cfg.targets, str) or _is_names(cfg.targets)):
+        raise bad("targets", cfg.targets, 'a list of module names, a regex string or "all-linear"')
+    for name in ("exclude", "layers_pattern"):
+        value = getattr(cfg, name)
+        if not (value is None or isinstance(value, str) or _is_names(value)):
+            raise bad(name, value, "a module name list or a regex string")
+    for name, check, expected in (
+        ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("alpha_pattern", lambda v: _is_number(v) and v != 0, "a finite non-zero number"),
+    ):
+        patterns = getattr(cfg, name)
+        if not isinstance(patterns, dict):
+            raise bad(name, patterns, "a mapping {module regex: value}")
+        for key, value in patterns.items():
+            if not isinstance(key, str):
+                raise bad(name, patterns, "string keys (module regexes)")
+            if not check(value):
+                raise bad(f"{name}[{key!r}]", value, expected)
+    layers = cfg.layers_to_transform
+    if layers is not None and not (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers)):
+        raise bad("layers_to_transform", layers, "a list of layer indices (integers >= 0), e.g. [0, 1]")
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, getattr(cfg, name), "true or false")
+    for name in ("init", "bias"):
+        if not isinstance(getattr(cfg, name), str):
+            raise bad(name, getattr(cfg, name), "a string")
+    if cfg.modules_to_save is not None and not _is_names(cfg.modules_to_save):
+        raise bad("modules_to_save", cfg.modules_to_save, "a list of module names")
+    if cfg.base_model_name_or_path is not None and not isinstance(cfg.base_model_name_or_path, str):
+        raise bad("base_model_name_or_path", cfg.base_model_name_or_path, "a string")
+    tokens = cfg.trainable_token_indices
+    ids_ok = lambda ids: isinstance(ids, list) and all(_is_int(i) and i >= 0 for i in ids)  # noqa: E731
+    if tokens is not None and not (
+        ids_ok(tokens)
+        or (isinstance(tokens, dict) and all(isinstance(k, str) and ids_ok(v) for k, v in tokens.items()))
+    ):
+        raise bad(
+            "trainable_token_indices", tokens, "a list of token ids (integers >= 0) or {module name: ids}"
+        )
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
@@ -219,6 +286,12 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 def scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _flag(data: dict[str, Any], key: str) -> Any:
+    """A PEFT boolean as written (null: false); validate() refuses anything but true / false."""
+    value = data.get(key)
+    return False if value is None else value
 
 
 def _check_regex(name: str, pattern: str) -> None:

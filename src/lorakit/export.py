@@ -9,12 +9,12 @@ cannot be folded into packed 4-/8-bit weights without re-quantizing them, which 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .atomic import write_dir
 
 
 @dataclass
@@ -39,14 +39,16 @@ def export_merged(
         model: as `lorakit.models.load_model` ("default", an HF directory, a .gguf file).
         adapter: an adapter directory (a grown vocabulary and its tokenizer are handled as load_model does).
         output: the directory to create. Everything is written to a temporary sibling first and renamed into
-            place at the end, so a failure leaves nothing behind.
+            place at the end (atomic.write_dir), so a failure leaves nothing behind and, with `overwrite`, a
+            kill at any instant leaves the complete old directory or the complete new one.
         quantize: load the base quantized ("4bit"/"8bit", e.g. to reproduce a QLoRA run's base exactly);
             the weights are then dequantized before merging.
         dtype: the dtype the merge is computed and saved in (default float32).
         overwrite: replace an existing `output` directory.
 
     Raises:
-        FileExistsError: `output` exists (and `overwrite` is False).
+        ValueError: `output` exists (and `overwrite` is False), or the merged weights hold NaN / inf
+            (nothing is written).
         FileNotFoundError / AdapterFileError / RuntimeError: from loading, or a LoRA on tied weights that
             cannot be merged (see lorakit.merge).
     """
@@ -70,24 +72,30 @@ def export_merged(
     # not those bit for bit, so the check is skipped only in that case.
     tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized)
     merged = unload(base, merge=True).to(torch_dtype)
-    if hasattr(merged.config, "lorakit_source"):
-        del merged.config.lorakit_source
     merged.config.dtype = torch_dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    _check_finite(merged)
+
+    def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # Old or new, never none: an existing output is swapped with the complete new one in one step.
+    write_dir(out, fill, overwrite=overwrite)
     num = sum(p.numel() for p in merged.parameters())
     return MergeReport(out, dequantized, torch_dtype, num)
+
+
+def _check_finite(model: torch.nn.Module) -> None:
+    """Refuse to save a model with NaN / inf weights (naming the first ones and the counts)."""
+    bad = []
+    for name, t in model.named_parameters():  # buffers are left alone: masks may hold -inf by design
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t.detach())).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()})")
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(
+            f"the merged model has non-finite (NaN / inf) values in {shown}; nothing was written"
+        )

@@ -52,6 +52,58 @@ def lora_linear(
     return F.linear(F.linear(x, A), B) * scale
 
 
+def lora_into_(
+    y: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float = 1.0,
+    keep: Tensor | None = None,
+    u_scale: Tensor | float | None = None,
+) -> Tensor:
+    """y += s · (D(x) Aᵀ) Bᵀ in place: THE primitive every fast path (training Function, no-grad, per-row runs
+    and stacks) is built on, tested against `lora_linear`. One matmul and one addmm_ (as Unsloth's
+    `matmul_lora`); the branch is computed in A's dtype and added in y's (fp32 adapters on a bf16 base).
+
+    Args:
+        y: (..., out), written in place (a fresh output or a view of one; not a tensor autograd needs).
+        x: (..., in), same leading shape as y. A: (r, in). B: (out, r). scale: s.
+        keep: optional (N, in) mask multiplied into x (dropout's keep-mask; N = rows of x flattened).
+        u_scale: optional factor on the rank-r intermediate u (a scalar 1 / (1 - p), or an (N, r) row mask).
+    Returns:
+        u = (keep ⊙ x) Aᵀ · u_scale, (N, r) in A's dtype (the training Function saves it for backward).
+    """
+    u = lora_down(x, A, keep, u_scale)
+    lora_up_(y, u, B, scale)
+    return u
+
+
+def lora_down(
+    x: Tensor, A: Tensor, keep: Tensor | None = None, u_scale: Tensor | float | None = None
+) -> Tensor:
+    """The first half of `lora_into_`: u = (keep ⊙ x) Aᵀ · u_scale, (N, r) in A's dtype, x (..., in) flattened.
+
+    Shared-input projections (q/k/v) call it once with their A's stacked (R = Σ r) and split u by columns.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+    if keep is not None:
+        xa = xa * keep
+    u = xa @ A.t()
+    if u_scale is not None:
+        u.mul_(u_scale)
+    return u
+
+
+def lora_up_(y: Tensor, u: Tensor, B: Tensor, scale: float = 1.0) -> None:
+    """The second half of `lora_into_`: y += s · u Bᵀ in place. y (..., out), u (N, r), B (out, r)."""
+    y2 = y.view(-1, y.shape[-1])
+    if y.dtype == B.dtype:
+        y2.addmm_(u, B.t(), alpha=scale)
+    else:
+        y2.add_((u @ B.t()).mul_(scale).to(y.dtype))
+
+
 def lora_embedding(ids: Tensor, A: Tensor, B: Tensor, scale: float, padding_idx: int | None = None) -> Tensor:
     """The LoRA branch of an Embedding: s · (onehot(ids) @ Aᵀ) @ Bᵀ, i.e. rows of Aᵀ looked up, then B.
 
@@ -120,6 +172,21 @@ def dora_linear(
     norm = weight_norm(W.to(delta.dtype), delta.detach()).detach()
     ratio = magnitude / norm
     return (ratio - 1) * base_out + ratio * lora_linear(x, A, B, scale)
+
+
+def dora_ratio(W: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scale: float) -> Tensor:
+    """m / ||W + ΔW|| per output row (out,), in the adapter's dtype: DoRA's rescaling of the whole output."""
+    delta = delta_weight(A, B, scale)
+    return magnitude / weight_norm(W.to(delta.dtype), delta)
+
+
+def dora_rescale_base_(y: Tensor, factor: Tensor, bias: Tensor | None) -> None:
+    """y += factor ⊙ (y - bias) in place: DoRA's (ratio - 1) · base output (the base output without its bias).
+
+    y (..., out); factor broadcastable to y ((out,) for one adapter, (batch, 1, out) per row).
+    """
+    base = y if bias is None else y - bias
+    y.add_(base * factor.to(y.dtype))
 
 
 def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,7 +284,14 @@ def concat_factors(factors: list[tuple[Tensor, Tensor, float]]) -> tuple[Tensor,
     """
     As, Bs = [], []
     for A, B, s in factors:
-        root = abs(s) ** 0.5
+        root, signed = split_coefficient(s)
         As.append(A * root)
-        Bs.append(B * (root if s >= 0 else -root))
+        Bs.append(B * signed)
     return torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+
+
+def split_coefficient(s: float) -> tuple[float, float]:
+    """(√|s|, sign(s)·√|s|): a coefficient split over two factors whose product it scales, keeping both
+    halves' magnitudes comparable (√|s| · sign(s)√|s| = s)."""
+    root = abs(s) ** 0.5
+    return root, (root if s >= 0 else -root)

@@ -41,19 +41,23 @@ def generate_text(
     kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        torch.manual_seed(seed)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
     was_training = model.training
     model.eval()
+    # Sampling draws from torch's global RNG (generate takes no generator): seed it inside a fork, so the
+    # caller's RNG state is the same after the call as before.
+    devices = [device] if device.type == "cuda" else []
     try:
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **kwargs,
-        )
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **kwargs,
+            )
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -40,6 +40,19 @@ def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def tied_heads(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """The Linear modules other than `path` whose weight is `path`'s weight Parameter (an output head tied to
+    an input embedding), as (path, module). The one place tied weights are detected."""
+    weight = getattr(model.get_submodule(path), "weight", None)
+    if weight is None:
+        return []
+    return [
+        (n, m)
+        for n, m in model_modules(model)
+        if n != path and isinstance(m, nn.Linear) and getattr(m, "weight", None) is weight
+    ]
+
+
 def matches(spec: str | list[str], name: str) -> bool:
     """PEFT's rule: a list entry equals the name or is a dotted suffix; a string is a full-match regex."""
     if isinstance(spec, str):

@@ -6,14 +6,18 @@ module's parameters, buffers and attributes, so `q_proj.weight` stays `q_proj.we
 tied. The base forward is the original class's forward (`super().forward`), so a quantized base keeps
 working. Adapter tensors sit beside the base ones: `q_proj.lora.<name>.A`, `.B`, `.magnitude`.
 
+What an adapter *does* is its variant's business (variants.py: LoRA, DoRA); a layer supplies only its
+shape-specific math (`_lora_branch`, `_lora_add_`, `_delta_weight`) and asks `live_adapters()` which apply.
+
 State is explicit: `active` (adapter names whose delta is added), `merged` (names folded into W),
-`disabled`, `row_plan` (per-row adapters). Nothing in forward changes any of it.
+`disabled`, `fused` (the sibling projections reading the same input, set by adapters.link_fused). Per-row
+adapters come from the one mapping of the step (rowstate.current(), set by `per_row_adapters`). Nothing in
+forward changes any of it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -21,77 +25,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
+from . import fast, rowstate
 from . import functional as LF
-from .config import scaling
-from .fast import linear_forward
-from .fast.rows import ROW_STACK_ATTR, forward_rows, row_runs
+from .fast import rows as fast_rows
 from .fingerprint import weight_digest
-
-
-class LoraWeights(nn.Module):
-    """One adapter's tensors on one layer.
-
-    Shapes (out/in of the base layer's math, whatever its storage):
-        Linear / Conv1D:  A (r, in), B (out, r), magnitude (out,) with DoRA
-        Embedding:        A (r, num_embeddings), B (dim, r)
-        Conv2d:           A (r, in, kh, kw), B (out, r, 1, 1)
-    """
-
-    def __init__(self, A: Tensor, B: Tensor, alpha: float, use_rslora: bool, dropout: float) -> None:
-        super().__init__()
-        self.A = nn.Parameter(A)
-        self.B = nn.Parameter(B)
-        self.magnitude: nn.Parameter | None = None
-        self.r = A.shape[0]
-        self.alpha = alpha
-        self.use_rslora = use_rslora
-        self.scale = scaling(self.r, alpha, use_rslora)
-        self.dropout = dropout
-        self.merged_norm: Tensor | None = None  # DoRA: ||W + ΔW|| at merge time, to unmerge exactly
-
-    def extra_repr(self) -> str:
-        dora = ", dora" if self.magnitude is not None else ""
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}{dora}"
-
-
-class TokenWeights(nn.Module):
-    """Trainable rows of an embedding (e.g. new tokens): `values` (n, dim) replace rows `indices` (n,).
-
-    Stored as replacement values, not deltas, as PEFT's `trainable_tokens_delta` is.
-    """
-
-    def __init__(self, indices: list[int], values: Tensor, num_embeddings: int) -> None:
-        super().__init__()
-        idx = torch.tensor(indices, dtype=torch.long, device=values.device)
-        self.register_buffer("indices", idx, persistent=False)
-        position = torch.full((num_embeddings,), -1, dtype=torch.long, device=values.device)
-        position[idx] = torch.arange(len(indices), device=values.device)
-        self.register_buffer("position", position, persistent=False)  # row id -> index in values, or -1
-        self.values = nn.Parameter(values)
-
-
-@dataclass
-class RowPlan:
-    """Per-row adapters for one forward: for each adapter name, the batch rows (long tensor) it applies to,
-    and the same rows as contiguous [start, stop) runs (computed once here, so layers can slice views)."""
-
-    groups: dict[str, Tensor]
-    runs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    stacks: dict = field(
-        default_factory=dict
-    )  # fast.rows: per-layer stacked factors, built inside the context
-
-    def __post_init__(self) -> None:
-        for name, rows in self.groups.items():
-            if name not in self.runs:
-                self.runs[name] = row_runs(rows.tolist())
+from .variants import LoraVariant, variant_for
+from .weights import LoraWeights, TokenWeights
 
 
 class LoraLayer:
     """Mixin with the adapter bookkeeping shared by every Lora* layer. Subclasses implement the math hooks:
 
-    - `_init_weights(r, alpha, use_rslora, dropout, init) -> LoraWeights`
-    - `_branch(w, x) -> Tensor`: what adapter w adds to the output for input x
+    - `_init_weights(r, alpha, use_rslora, dropout, init, dtype) -> LoraWeights`
+    - `_lora_branch(w, x) -> Tensor`: what plain LoRA factors w add to the output for input x
+    - `_lora_add_(w, y, x)`: the same, no grad, in place into y
     - `_delta_weight(w) -> Tensor`: ΔW in the layout of `self.weight`
     """
 
@@ -100,8 +47,9 @@ class LoraLayer:
     active: tuple[str, ...]
     merged: list[str]
     disabled: bool
-    row_plan: RowPlan | None
+    fused: object | None
     base_class: type
+    base_digest: str
 
     def _setup_lora(self, base_class: type) -> None:
         self.base_class = base_class
@@ -110,27 +58,29 @@ class LoraLayer:
         self.active = ()
         self.merged = []
         self.disabled = False
-        self.row_plan = None
+        self.fused = None  # fast.fused.FusedGroup of the sibling projections (adapters.link_fused)
+        self.base_digest = ""  # fingerprint of W before any merge / PiSSA (set by wrap)
 
     # -- adapters ----------------------------------------------------------------------------------------------
 
     def add_lora(
         self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
         use_dora: bool = False, init: str = "default", dtype: torch.dtype | None = None,
+        variant: LoraVariant | None = None,
     ) -> LoraWeights:  # fmt: skip
-        """Create adapter `name` (not yet active). Raises ValueError if it exists or DoRA is unsupported."""
+        """Create adapter `name` (not yet active) of `variant` (default: from use_dora).
+
+        Raises ValueError if it exists or the variant does not fit this layer kind."""
         if name in self.lora:
             raise ValueError(f"adapter {name!r} already exists on this {type(self).__name__}")
-        dtype = dtype or adapter_dtype(self.weight)
-        w = self._init_weights(r, alpha, use_rslora, dropout, init, dtype)
-        if use_dora:
-            if not isinstance(self, LinearLike):
-                raise ValueError(
-                    f"DoRA is supported on Linear and Conv1D layers, not {self.base_class.__name__}"
-                )
-            with torch.no_grad():
-                W = self._weight_out_in().to(dtype)
-                w.magnitude = nn.Parameter(LF.weight_norm(W, LF.delta_weight(w.A, w.B, w.scale)))
+        variant = variant or variant_for(use_dora)
+        if variant.linear_only and not isinstance(self, LinearLike):
+            raise ValueError(
+                f"{variant.kind} is supported on Linear and Conv1D layers, not {self.base_class.__name__}"
+            )
+        w = self._init_weights(r, alpha, use_rslora, dropout, init, dtype or adapter_dtype(self.weight))
+        w.variant = variant
+        variant.create(self, w)
         self.lora[name] = w
         return w
 
@@ -165,25 +115,60 @@ class LoraLayer:
     def has(self, name: str) -> bool:
         return name in self.lora or name in self.tokens
 
+    def live_adapters(self) -> tuple[str, ...]:
+        """The adapters whose delta forward adds here: active, not merged, none while disabled."""
+        if self.disabled:
+            return ()
+        return tuple(n for n in self.active if n not in self.merged and self.has(n))
+
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         y = super().forward(x, *args, **kwargs)
         if self.disabled:
             return y
-        if self.row_plan is not None:
-            return forward_rows(self, x, y)
-        for name in self.active:
-            if name in self.merged:
-                continue
+        # Under torch.compile: the plain math only (per-row mappings are an eager, serving-time feature).
+        mapping = None if torch.compiler.is_compiling() else rowstate.current()
+        if mapping is not None and mapping.covers(self):
+            return self._forward_rows(mapping, x, y)
+        for name in self.live_adapters():
             if name in self.tokens:
                 y = self._apply_tokens(self.tokens[name], x, y)
             if name in self.lora:
-                y = y + self._branch(self.lora[name], x, y).to(y.dtype)
+                w = self.lora[name]
+                y = y + w.variant.branch(self, w, x, y).to(y.dtype)
+        return y
+
+    def _forward_rows(self, mapping, x: Tensor, y: Tensor) -> Tensor:
+        """y (the base output for x) plus, on each batch row, that row's adapter (`mapping`: slots.RowMapping).
+
+        Trainable tokens first (as forward applies them), then LoRA: under no_grad from the per-row slots
+        (stacked or by runs, fast/rows.py), with gradients from the adapters' own tensors, out of place.
+        """
+        for name, rows in mapping.groups.items():
+            if name in self.tokens:
+                ys = self._apply_tokens(self.tokens[name], x.index_select(0, rows), y.index_select(0, rows))
+                y = y.index_copy(0, rows, ys)
+        slots = mapping.slots.layer_slots(self)
+        if slots is not None and not torch.is_grad_enabled():
+            return fast_rows.add_rows_(y, x, slots, mapping, self.bias)
+        for name, rows in mapping.groups.items():
+            if name not in self.lora:
+                continue
+            w = self.lora[name]
+            xs, ys = x.index_select(0, rows), y.index_select(0, rows)
+            if torch.is_grad_enabled():
+                y = y.index_add(0, rows, w.variant.branch(self, w, xs, ys).to(y.dtype))
+            else:
+                w.variant.add_(self, w, ys, xs)
+                y.index_copy_(0, rows, ys)
         return y
 
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _lora_add_(self, w: LoraWeights, y: Tensor, x: Tensor) -> None:
+        y.add_(self._lora_branch(w, x).to(y.dtype))
 
     # -- merge -------------------------------------------------------------------------------------------------
 
@@ -199,18 +184,12 @@ class LoraLayer:
             if name in self.tokens:
                 # A tied output head shares weight and TokenWeights with its embedding: write the rows once.
                 t = self.tokens[name]
-                if getattr(t, "saved_rows", None) is None:
+                if t.saved_rows is None:
                     t.saved_rows = self.weight.index_select(0, t.indices).clone()
                     self.weight.index_copy_(0, t.indices, t.values.to(self.weight.dtype))
             if name in self.lora:
                 w = self.lora[name]
-                delta = self._delta_weight(w)
-                if w.magnitude is not None:
-                    W = self._weight_out_in().to(delta.dtype)
-                    merged, w.merged_norm = LF.dora_merged_weight(W, self._to_out_in(delta), w.magnitude)
-                    self._set_weight_out_in(merged)
-                else:
-                    self.weight.add_(delta.to(self.weight.dtype))
+                w.variant.merge(self, w)
         self.merged.append(name)
 
     def unmerge_adapter(self, name: str) -> None:
@@ -220,17 +199,10 @@ class LoraLayer:
         with torch.no_grad():
             if name in self.lora:
                 w = self.lora[name]
-                delta = self._delta_weight(w)
-                if w.magnitude is not None:
-                    W = self._weight_out_in().to(delta.dtype)
-                    restored = LF.dora_unmerged_weight(W, self._to_out_in(delta), w.magnitude, w.merged_norm)
-                    self._set_weight_out_in(restored)
-                    w.merged_norm = None
-                else:
-                    self.weight.sub_(delta.to(self.weight.dtype))
+                w.variant.unmerge(self, w)
             if name in self.tokens:
                 t = self.tokens[name]
-                if getattr(t, "saved_rows", None) is not None:
+                if t.saved_rows is not None:
                     self.weight.index_copy_(0, t.indices, t.saved_rows)
                     t.saved_rows = None
         self.merged.remove(name)
@@ -265,12 +237,74 @@ def _init_A(shape: tuple[int, ...], r: int, init: str, dtype, device) -> Tensor:
 class LinearLike(LoraLayer):
     """The math of a Linear-shaped layer: y = base(x) + Σ s · (x Aᵀ) Bᵀ. x (..., in) -> (..., out).
 
-    forward takes a fast path (lorakit.fast) wherever one applies, else the plain path below.
+    forward takes a fast path (lorakit.fast) wherever one applies, else the plain path of LoraLayer:
+    - no gradient needed: the base output, then each live adapter's no-grad `add_` in place;
+    - training one plain LoRA adapter on a frozen float nn.Linear / Conv1D: the hand-derived Function,
+      fused with the sibling projections that read the same x (`fused`, fast/fused.py).
     """
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        y = None if args or kwargs else linear_forward(self, x)
-        return y if y is not None else super().forward(x, *args, **kwargs)
+        # torch.compile traces the plain path (functional.lora_linear): it compiles without graph breaks.
+        if torch.compiler.is_compiling() or args or kwargs or not fast.enabled() or self.disabled:
+            return super().forward(x, *args, **kwargs)
+        if rowstate.current() is not None:
+            return super().forward(x, *args, **kwargs)
+        live = self.live_adapters()
+        if not live or any(n in self.tokens for n in live):
+            return super().forward(x, *args, **kwargs)
+        ws = [self.lora[n] for n in live]
+        if not self._needs_grad(x, ws):
+            if self.training and any(w.dropout > 0 for w in ws):
+                return super().forward(x)  # dropout in train mode without grad: rare; the plain path draws it
+            y = self.base_class.forward(self, x)  # the exact base output (quantized bases included)
+            for w in ws:
+                w.variant.add_(self, w, y, x)
+            return y
+        if not self.fast_trainable(x):
+            return super().forward(x)
+        if self.fused is not None:
+            return self.fused.forward(self, x)
+        return fast.lora_linear_train(x, [self.train_factors()], self.train_dropout(), self._conv1d())[0]
+
+    def _needs_grad(self, x: Tensor, ws: list[LoraWeights]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if (
+            x.requires_grad
+            or self.weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return True
+        return any(p.requires_grad for w in ws for p in w.parameters())
+
+    def fast_trainable(self, x: Tensor) -> bool:
+        """Whether the hand-derived Function computes this layer for x now: exactly one live adapter, of a
+        variant it supports, no trainable tokens, a frozen float base of the plain class, no autocast."""
+        live = self.live_adapters()
+        W = self.weight
+        return (
+            len(live) == 1
+            and live[0] in self.lora
+            and not self.tokens
+            and self.lora[live[0]].variant.fast_train
+            and self.base_class in (nn.Linear, Conv1D)  # a quantized subclass keeps its own forward
+            and not W.requires_grad
+            and W.is_floating_point()
+            and x.dtype == W.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def train_factors(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
+        """(W (out, in), b, A, B, scale) of the one live adapter, for fast.lora_linear_train."""
+        w = self.lora[self.live_adapters()[0]]
+        W = self.weight.t() if self._conv1d() else self.weight
+        return W, self.bias, w.A, w.B, w.scale
+
+    def train_dropout(self) -> float:
+        return self.lora[self.live_adapters()[0]].dropout if self.training else 0.0
+
+    def _conv1d(self) -> bool:
+        return self.base_class is Conv1D
 
     def _in_out(self) -> tuple[int, int]:
         return self.in_features, self.out_features
@@ -281,16 +315,11 @@ class LinearLike(LoraLayer):
         B = torch.zeros(fan_out, r, dtype=dtype, device=self.weight.device)
         return LoraWeights(A, B, alpha, use_rslora, dropout)
 
-    def _branch(self, w: LoraWeights, x: Tensor, y: Tensor | None) -> Tensor:
-        x = x.to(w.A.dtype)
-        if w.magnitude is None:
-            return LF.lora_linear(x, w.A, w.B, w.scale, w.dropout, self.training)
-        base_out = None
-        if y is not None and not (w.dropout > 0 and self.training):
-            base_out = y.to(x.dtype) if self.bias is None else (y - self.bias).to(x.dtype)
-        return LF.dora_linear(
-            x, self._weight_out_in(), base_out, w.A, w.B, w.magnitude, w.scale, w.dropout, self.training
-        )
+    def _lora_branch(self, w: LoraWeights, x: Tensor) -> Tensor:
+        return LF.lora_linear(x.to(w.A.dtype), w.A, w.B, w.scale, w.dropout, self.training)
+
+    def _lora_add_(self, w: LoraWeights, y: Tensor, x: Tensor) -> None:
+        LF.lora_into_(y, x, w.A, w.B, w.scale)
 
     def _delta_weight(self, w: LoraWeights) -> Tensor:
         return LF.delta_weight(w.A, w.B, w.scale)
@@ -352,7 +381,7 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
             nn.init.normal_(B)
         return LoraWeights(A, B, alpha, use_rslora, 0.0)
 
-    def _branch(self, w: LoraWeights, x: Tensor, y: Tensor | None) -> Tensor:
+    def _lora_branch(self, w: LoraWeights, x: Tensor) -> Tensor:
         return LF.lora_embedding(x, w.A, w.B, w.scale, self.padding_idx)
 
     def _delta_weight(self, w: LoraWeights) -> Tensor:
@@ -383,7 +412,7 @@ class LoraConv2d(LoraLayer, nn.Conv2d):
             raise ValueError(f"LoRA on Conv2d with padding_mode={self.padding_mode!r} is not supported")
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
 
-    def _branch(self, w: LoraWeights, x: Tensor, y: Tensor | None) -> Tensor:
+    def _lora_branch(self, w: LoraWeights, x: Tensor) -> Tensor:
         x = x.to(w.A.dtype)
         return LF.lora_conv2d(x, w.A, w.B, w.scale, self._conv_args(), w.dropout, self.training)
 
@@ -455,10 +484,9 @@ def unwrap(layer: LoraLayer) -> nn.Module:
         "active",
         "merged",
         "disabled",
-        "row_plan",
+        "fused",
         "base_class",
         "base_digest",
-        ROW_STACK_ATTR,
     ):
         state.pop(key, None)
     base.__dict__.update(state)
@@ -466,5 +494,5 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     return base
 
 
-# modules_to_save copies live in saved.py; re-exported here for existing imports.
+# modules_to_save copies live in saved.py (which imports nothing of this module); re-exported for existing imports.
 from .saved import SavedModule, unwrap_saved, wrap_saved  # noqa: E402, F401

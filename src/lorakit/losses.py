@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import rowstate
+
 IGNORE = -100
 _LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scaling")
 
@@ -102,7 +104,8 @@ def _why_not_chunked(model: nn.Module) -> str:
             value = getattr(c, attr, None)
             if value not in (None, 1, 1.0, False):
                 return f"{type(model).__name__} changes its logits after the head ({attr}={value})"
-    if isinstance(head, LoraLayer) and head.row_plan is not None:
+    mapping = rowstate.current()
+    if isinstance(head, LoraLayer) and mapping is not None and mapping.covers(head):
         return "the output head has per-row adapters"
     return ""
 
@@ -114,8 +117,7 @@ def _is_plain_linear(head: nn.Module) -> bool:
     if isinstance(head, LoraLayer):
         if head.base_class is not nn.Linear:  # a quantized Linear subclass has no usable .weight
             return False
-        live = [n for n in head.active if n not in head.merged and (n in head.lora or n in head.tokens)]
-        return head.disabled or not live
+        return not head.live_adapters()
     return type(head) is nn.Linear
 
 

@@ -2,40 +2,62 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers
+from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers, replace_module
 from .layers import LoraLayer, unwrap, unwrap_saved
 
 
 def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Fold the active adapters (or `names`, which must be active) into W: inference at base speed.
 
+    Never writes a non-finite weight: a merge that would leave NaN / inf in W is undone (W restored
+    exactly) and refused.
+
     Raises:
         RuntimeError: something is merged already (unmerge first), or a base weight is quantized.
-        ValueError: a name in `names` is not active.
+        ValueError: a name in `names` is not active, or merging would put NaN / inf into a weight (naming
+            the module, the adapter and the count); the model is then unchanged.
     """
     active = active_adapters(model)
     names = active if names is None else list(names)
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(f"only active adapters can be merged; {inactive} are not active ({active})")
-    layers = [layer for _, layer in lora_layers(model)]
-    if any(layer.merged for layer in layers):
+    layers = list(lora_layers(model))
+    if any(layer.merged for _, layer in layers):
         raise RuntimeError("adapters are already merged; unmerge before merging again")
     _check_untied(model, names)
     done: list[tuple[LoraLayer, str]] = []
     try:
-        for layer in layers:
+        for module_name, layer in layers:
             for n in names:
                 if layer.has(n):
-                    layer.merge_adapter(n)
+                    _merge_finite(layer, n, module_name)
                     done.append((layer, n))
     except Exception:
         for layer, n in reversed(done):
             layer.unmerge_adapter(n)
         raise
     return model
+
+
+def _merge_finite(layer: LoraLayer, name: str, module_name: str) -> None:
+    """layer.merge_adapter(name), undone exactly (from a copy of W) when it leaves W non-finite."""
+    before = layer.weight.detach().clone()
+    layer.merge_adapter(name)
+    bad = int((~torch.isfinite(layer.weight.detach())).sum())
+    if bad:
+        layer.unmerge_adapter(name)
+        with torch.no_grad():
+            layer.weight.copy_(before)
+        was = int((~torch.isfinite(before)).sum())
+        raise ValueError(
+            f"merging adapter {name!r} into {module_name!r} gives {bad} non-finite (NaN / inf) weight values"
+            + (f" (the base weight already has {was})" if was else "")
+            + "; nothing was merged. Check the adapter's tensors (or merge in a wider --dtype)"
+        )
 
 
 def _check_untied(model: nn.Module, names: list[str]) -> None:
@@ -80,15 +102,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_active(model)
     elif not merge:
         unmerge(model)
-    for name, layer in list(adapter_layers(model)):
+    for path, layer in list(adapter_layers(model)):
         if isinstance(layer, LoraLayer):
             plain = unwrap(layer)
         elif merge and layer.active:
             plain = layer.lora_copies[layer.active[0]]
         else:
             plain = unwrap_saved(layer)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+        replace_module(model, path, plain)
     adapter_records(model).clear()
     model.__dict__["lorakit_active"] = []
+    model.__dict__.pop("lorakit_slots", None)  # slots.RowSlots: nothing left to serve per row
     return model

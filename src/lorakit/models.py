@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import write_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,14 +100,13 @@ def load_model(
         ImportError: quantization without bitsandbytes installed.
         AdapterFileError: (a ValueError) the adapter directory is missing, malformed or does not fit.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r} is invalid: expected one of {QUANTIZE}")
     torch_dtype = resolve_dtype(dtype)
     path = model_dir(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"local_files_only": True}
+    kwargs: dict = {"local_files_only": True, "use_safetensors": True}  # never a pickle
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if quantize != "none":
@@ -122,7 +121,6 @@ def load_model(
         tokenizer = _with_adapter(model, tokenizer, adapter)
     if device is not None and quantize == "none":
         model.to(device)
-    model.config.lorakit_source = str(spec)
     return model.eval(), tokenizer
 
 
@@ -161,6 +159,7 @@ def model_dir(spec: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+        _check_safetensors(path)
         return path
     if path.is_file():
         raise FileNotFoundError(
@@ -171,6 +170,26 @@ def model_dir(spec: str | os.PathLike) -> Path:
         "downloads models; if this is a hub id, download it first (e.g. `huggingface-cli download "
         f"{spec} --local-dir DIR`) and pass the directory"
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(path: Path) -> None:
+    """A model directory must hold safetensors weights: pickle files are never loaded (they can run code).
+
+    Raises:
+        FileNotFoundError: no *.safetensors file (naming the pickle files found instead, if any).
+    """
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise FileNotFoundError(
+            f"{path}: the weights are pickle files ({', '.join(pickles[:3])}), which lorakit never loads (they "
+            "can run code); convert them to model.safetensors in a trusted environment first"
+        )
+    raise FileNotFoundError(f"{path}: no model weights (*.safetensors) in this directory")
 
 
 def converted_gguf(gguf: Path) -> Path:
@@ -186,10 +205,7 @@ def converted_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    def fill(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
@@ -204,14 +220,13 @@ def converted_gguf(gguf: Path) -> Path:
         model.is_quantized = False
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process converted it first: keep theirs.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        write_dir(target, fill)
+    except FileExistsError:
+        # Another process converted it first: keep theirs.
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 

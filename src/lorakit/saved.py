@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
-from .layers import LoraLayer
+from . import rowstate
 
 
 class SavedModule:
     """Mixin for `modules_to_save`: each adapter owns a full trainable copy (`lora_copies.<name>`); the
-    original module's own parameters keep their names and stay frozen. Forward runs the active copy."""
+    original module's own parameters keep their names and stay frozen. Forward runs the active copy; under
+    `per_row_adapters`, each adapter's copy runs on its own batch rows (the module must map a batch-first
+    tensor to a batch-first tensor, as embeddings and heads do)."""
 
     lora_copies: nn.ModuleDict
     active: tuple[str, ...]
@@ -19,9 +22,27 @@ class SavedModule:
     base_class: type
 
     def forward(self, *args, **kwargs):
+        mapping = rowstate.current()
+        if not self.disabled and mapping is not None and mapping.covers(self):
+            return self._forward_rows(mapping, *args, **kwargs)
         if not self.disabled and self.active:
             return self.lora_copies[self.active[0]](*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+    def _forward_rows(self, mapping, x, *args, **kwargs):
+        """The base output, with each adapter's rows replaced by its own copy's output on those rows."""
+        y = super().forward(x, *args, **kwargs)
+        if args or kwargs or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            if any(n in self.lora_copies for n in mapping.groups):
+                raise RuntimeError(
+                    f"per-row modules_to_save need a {self.base_class.__name__} called with one batch-first "
+                    "tensor (an embedding or a head)"
+                )
+            return y
+        for name, rows in mapping.groups.items():
+            if name in self.lora_copies:
+                y = y.index_copy(0, rows, self.lora_copies[name](x.index_select(0, rows)).to(y.dtype))
+        return y
 
     def add_copy(self, name: str) -> nn.Module:
         if name in self.lora_copies:
@@ -53,8 +74,6 @@ def wrap_saved(module: nn.Module) -> SavedModule:
     """A SavedModule owning `module`'s parameters (no copy); see `wrap`."""
     if isinstance(module, SavedModule):
         return module
-    if isinstance(module, LoraLayer):
-        raise ValueError("a module cannot be both a LoRA target and in modules_to_save")
     base_class = type(module)
     cls = _saved_cache.get(base_class)
     if cls is None:

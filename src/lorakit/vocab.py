@@ -28,7 +28,15 @@ def read_new_tokens(path: str | os.PathLike, tokenizer) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--new-tokens file {path} not found")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 text"
+        ) from err
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     vocab = tokenizer.get_vocab()

@@ -77,6 +77,11 @@ def check_row(row: dict, fmt: str, where: str) -> None:
             raise DataError(f"{where}: messages[{i}].role is {_show(m.get('role'))}; expected one of {ROLES}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}].content is {_show(m.get('content'))}; expected a string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            # As an empty completion: it would train the model to answer with nothing.
+            raise DataError(
+                f"{where}: messages[{i}] is an empty assistant message; expected a non-empty answer"
+            )
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         raise DataError(

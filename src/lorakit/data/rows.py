@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,40 +48,68 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict | DataError]]
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict | DataError]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a bad byte is one bad row (FILE:LINE, skippable), not a failed file.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield where, _not_utf8(where, raw, err)
+                continue
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield (
-                    where,
-                    DataError(
-                        f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object per line"
-                    ),
-                )
-                continue
-            if not isinstance(row, dict):
-                yield where, DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                continue
-            yield where, row
+            yield where, _parse_object(line, where)
+
+
+def _parse_object(text: str, where: str) -> dict | DataError:
+    """One JSON object, or the DataError saying why not (never a RecursionError)."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return DataError(
+            f"{where}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON object per line"
+        )
+    except RecursionError:
+        return DataError(
+            f"{where}: JSON nested too deeply; expected a row of fields (strings, a list of messages)"
+        )
+    if not isinstance(row, dict):
+        return DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _not_utf8(where: str, raw: bytes, err: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); expected UTF-8 text"
+    )
 
 
 def _starts_with(path: Path, char: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         head = f.read(4096).lstrip()
     return head.startswith(char)
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, dict | DataError]]:
+    raw = path.read_bytes()
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 text"
+        ) from err
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); expected a JSON array of objects"
         ) from err
+    except RecursionError as err:
+        raise DataError(f"{path}: JSON nested too deeply; expected a JSON array of flat objects") from err
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
     for i, row in enumerate(records, 1):
         where = f"{path}:row {i}"
         if not isinstance(row, dict):
@@ -89,39 +118,79 @@ def _json_array(path: Path) -> Iterator[tuple[str, dict | DataError]]:
             yield where, row
 
 
+# A CSV cell may hold a whole conversation: far more than the csv module's default 131072 characters. The
+# limit only guards memory per cell; rows longer than max_len tokens are refused later anyway.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _csv(path: Path) -> Iterator[tuple[str, dict | DataError]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        # surrogateescape: a bad byte becomes one bad record (FILE:LINE, skippable), not a failed file.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            yield from _csv_records(path, csv.reader(f))
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_records(path: Path, reader) -> Iterator[tuple[str, dict | DataError]]:
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as err:
+        raise DataError(f"{path}:1: unreadable CSV header ({err})") from err
+    if not header or len(set(header)) != len(header) or not all(h.strip() for h in header):
+        raise DataError(f"{path}:1: expected a header row of distinct column names, got {header}")
+    if any(_has_bad_bytes(h) for h in header):
+        raise DataError(f"{path}:1: the header is not valid UTF-8; expected UTF-8 text")
+    start = reader.line_num + 1
+    while True:
+        where = f"{path}:{start}"
         try:
-            header = next(reader)
+            record = next(reader)
         except StopIteration:
             return
-        if not header or len(set(header)) != len(header) or not all(h.strip() for h in header):
-            raise DataError(f"{path}:1: expected a header row of distinct column names, got {header}")
-        start = reader.line_num + 1
-        for record in reader:
-            where = f"{path}:{start}"
+        except csv.Error as err:
             start = reader.line_num + 1
-            if not any(cell.strip() for cell in record):
-                continue
-            if len(record) != len(header):
-                yield (
-                    where,
-                    DataError(f"{where}: {len(record)} cells; expected {len(header)} (columns {header})"),
+            yield where, DataError(f"{where}: unreadable CSV record ({err})")
+            continue
+        start = reader.line_num + 1
+        if not any(cell.strip() for cell in record):
+            continue
+        yield where, _csv_row(header, record, where)
+
+
+def _csv_row(header: list[str], record: list[str], where: str) -> dict | DataError:
+    if len(record) != len(header):
+        return DataError(f"{where}: {len(record)} cells; expected {len(header)} (columns {header})")
+    row = {}
+    for name, cell in zip(header, record):
+        bad = _BAD_BYTE.search(cell)
+        if bad:
+            byte = ord(bad.group()) - 0xDC00
+            return DataError(
+                f"{where}: column {name!r} is not valid UTF-8 (byte 0x{byte:02x}); expected UTF-8 text"
+            )
+        if name == "messages" and cell.lstrip().startswith("["):
+            try:
+                cell = json.loads(cell)
+            except json.JSONDecodeError as err:
+                return DataError(
+                    f"{where}: column 'messages' is not valid JSON ({err.msg}); expected a JSON list of messages"
                 )
-                continue
-            row = {}
-            for name, cell in zip(header, record):
-                if name == "messages" and cell.lstrip().startswith("["):
-                    try:
-                        cell = json.loads(cell)
-                    except json.JSONDecodeError as err:
-                        row = DataError(
-                            f"{where}: column 'messages' is not valid JSON ({err.msg}); expected a JSON list of messages"
-                        )
-                        break
-                row[name] = cell
-            yield where, row
+            except RecursionError:
+                return DataError(f"{where}: column 'messages' is JSON nested too deeply")
+        row[name] = cell
+    return row
+
+
+# Bytes that are not UTF-8 become U+DC80..U+DCFF under surrogateescape decoding.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _has_bad_bytes(text: str) -> bool:
+    return _BAD_BYTE.search(text) is not None
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, dict | DataError]]:

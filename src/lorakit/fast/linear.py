@@ -1,4 +1,5 @@
-"""A hand-derived autograd Function for a Linear (or GPT-2 Conv1D) with one LoRA adapter, and the no-grad path.
+"""A hand-derived autograd Function for Linear (or GPT-2 Conv1D) layers with one LoRA adapter each, sharing one
+input: a single layer, or the k projections that read the same x (q/k/v, gate/up), fused. And the no-grad path.
 
 Notation (per layer, rows flattened): x (N, in), frozen W (out, in), bias b (out,), A (r, in), B (out, r),
 scale s, dropout p with keep-mask M ∈ {0, 1}^(N×in) and D(x) = M ⊙ x / (1 - p) (D = identity when p = 0):
@@ -17,6 +18,11 @@ Since D(x) Aᵀ = ((M ⊙ x) Aᵀ) / (1 - p), the factor 1 / (1 - p) is applied 
 to an N×in one: with dropout each module makes one masked copy of x in forward and one in backward.
     db = Σ_rows dy                    (out,)    only when the bias trains
 
+Fused (k layers i on one x, A_cat = [A_1; …; A_k] (R = Σ rᵢ, in)): one u = D(x) A_catᵀ (N, R) whose column
+block i feeds layer i; in backward one G = [g_1 … g_k] (N, R), one dA_cat = Gᵀ D(x) split by rows, and one dx
+accumulated in place: dx = dy_1 W_1, += dy_i W_i, += D(G A_cat). The k layers share one dropout mask (they
+read the same x; each branch still sees dropout p) and one saved x.
+
 What is saved for backward: x itself (the *same* tensor object the caller passed, so q/k/v, which share their
 input, keep one copy between them, and so do gate/up), u (N×r, 1/36 of x at in = 576, r = 16: cheaper to keep
 than to recompute), and, with dropout, the keep-mask as bools (1 byte per element instead of a 4-byte copy of
@@ -33,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import functional as LF
 
 
 def dropout_keep_mask(
@@ -59,91 +67,103 @@ def draw_seed() -> int:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ with the backward of the module docstring.
+    """(y_1, …, y_k) with y_i = x W_iᵀ + b_i + s_i · (D(x) A_iᵀ) B_iᵀ, the backward of the module docstring.
 
-    forward(x (..., in), W (out, in) frozen, b (out,) or None, A (r, in), B (out, r), scale, p, seed,
-    addmm_bias): W may be a transposed view (Conv1D). A and B may be in a wider dtype than x (fp32 adapters
-    on a bf16 base): the LoRA branch is then computed in A's dtype and added in x's, as the plain path does.
-    addmm_bias: compute the base as torch.addmm(b, x, Wᵀ) (what Conv1D does) instead of F.linear.
+    forward(x (..., in), p, seed, scales (k floats), addmm_bias, *tensors) with tensors = W_1..W_k (out_i, in)
+    frozen, b_1..b_k (out_i,) or None, A_1..A_k (r_i, in), B_1..B_k (out_i, r_i). W may be a transposed view
+    (Conv1D). A and B may be in a wider dtype than x (fp32 adapters on a bf16 base): the LoRA branch is then
+    computed in A's dtype and added in x's, as the plain path does. addmm_bias: compute the base as
+    torch.addmm(b, x, Wᵀ) (what Conv1D does) instead of F.linear. Returns a tuple of k outputs.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, A, B, scale, p, seed, addmm_bias):
+    def forward(ctx, x, p, seed, scales, addmm_bias, *tensors):
+        k = len(scales)
+        Ws, bs, As, Bs = (tensors[i * k : (i + 1) * k] for i in range(4))
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
-        if addmm_bias:
-            y = torch.addmm(b, x2, W.t()).view(*lead, -1)
-        else:
-            y = F.linear(x, W, b)
-        y2 = y.view(-1, y.shape[-1])
-        xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+        ys = []
+        for W, b in zip(Ws, bs):
+            ys.append(torch.addmm(b, x2, W.t()).view(*lead, -1) if addmm_bias else F.linear(x, W, b))
+        A = As[0] if k == 1 else torch.cat(As)  # (R, in): one matmul of x for every layer
         keep, keep_scale = None, 1.0
         if p > 0.0:
             keep, keep_scale = dropout_keep_mask(tuple(x2.shape), p, seed, x.device)
-            xa = xa * keep  # 1/(1-p) goes on the rank-r side: one full-size pass instead of three
-        u = xa @ A.t()
-        if keep is not None:
-            u.mul_(keep_scale)
-        if y.dtype == A.dtype:
-            y2.addmm_(u, B.t(), alpha=scale)
-        else:
-            y2.add_((u @ B.t()).mul_(scale).to(y.dtype))
-        ctx.save_for_backward(x, W, A, B, u, keep)
-        ctx.scale, ctx.keep_scale, ctx.has_bias = scale, keep_scale, b is not None
-        return y
+        # 1/(1-p) goes on the rank-R side: one full-size pass instead of three
+        u = LF.lora_down(x2, A, keep, keep_scale if keep is not None else None)
+        col = 0
+        for y, B, s in zip(ys, Bs, scales):
+            LF.lora_up_(y, u[:, col : col + B.shape[1]], B, s)
+            col += B.shape[1]
+        ctx.save_for_backward(x, A, u, keep, *Ws, *Bs)
+        ctx.scales, ctx.keep_scale, ctx.has_bias = scales, keep_scale, [b is not None for b in bs]
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, W, A, B, u, keep = ctx.saved_tensors
-        need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        s = ctx.scale
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dya = dy2 if dy2.dtype == A.dtype else dy2.to(A.dtype)
-        dx = db = dA = dB = None
-        if need_B:
-            dB = (dya.t() @ u).mul_(s)
-        if need_A or need_x:
-            # s and 1/(1-p) folded into g once (N×r) instead of into dA and dx (N×in)
-            g = (dya @ B).mul_(s * ctx.keep_scale)
-        if need_A:
-            xa = x.reshape(-1, x.shape[-1])
-            xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
-            dA = g.t() @ (xa if keep is None else xa * keep)
-        if need_x:
-            dx = dy2 @ W
-            if keep is None and dx.dtype == A.dtype:
-                dx.addmm_(g, A)
+    def backward(ctx, *dys):
+        x, A, u, keep, *rest = ctx.saved_tensors
+        k = len(ctx.scales)
+        Ws, Bs = rest[:k], rest[k:]
+        needs = ctx.needs_input_grad[5:]
+        need_b, need_A, need_B = needs[k : 2 * k], needs[2 * k : 3 * k], needs[3 * k : 4 * k]
+        N = u.shape[0]
+        dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        dbs, dBs, gs = [None] * k, [None] * k, []
+        col = 0
+        for i, (dy2, B, s) in enumerate(zip(dy2s, Bs, ctx.scales)):
+            r = B.shape[1]
+            if dy2 is None:  # an output nobody used (autograd passes None): no gradient through it
+                gs.append(u.new_zeros(N, r))
             else:
-                t = g @ A
-                if keep is not None:
-                    t.mul_(keep)
-                dx.add_(t.to(dx.dtype))
-            dx = dx.view(x.shape)
-        if need_b and ctx.has_bias:
-            db = dy2.sum(0)
-        return dx, None, db, dA, dB, None, None, None, None
+                dya = dy2 if dy2.dtype == A.dtype else dy2.to(A.dtype)
+                if need_B[i]:
+                    dBs[i] = (dya.t() @ u[:, col : col + r]).mul_(s)
+                # s and 1/(1-p) folded into g once (N×r) instead of into dA and dx (N×in)
+                gs.append((dya @ B).mul_(s * ctx.keep_scale))
+                if need_b[i] and ctx.has_bias[i]:
+                    dbs[i] = dy2.sum(0)
+            col += r
+        G = gs[0] if k == 1 else torch.cat(gs, dim=1)  # (N, R)
+        dAs = [None] * k
+        if any(need_A):
+            xa = x.reshape(N, -1)
+            xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
+            dA = G.t() @ (xa if keep is None else xa * keep)
+            dAs = list(dA.split([B.shape[1] for B in Bs]))
+        dx = _dx(dy2s, Ws, G, A, keep, x) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, None, *([None] * k), *dbs, *dAs, *dBs)
 
 
-def lora_linear_train(x: Tensor, W: Tensor, b: Tensor | None, w, training: bool, addmm_bias: bool) -> Tensor:
-    """Base + one adapter through LoraLinearFunction. w: LoraWeights (A, B, scale, dropout)."""
-    p = w.dropout if training else 0.0
-    seed = draw_seed() if p > 0.0 else 0
-    return LoraLinearFunction.apply(x, W, b, w.A, w.B, w.scale, p, seed, addmm_bias)
-
-
-@torch.no_grad()
-def add_lora_inplace(y: Tensor, x: Tensor, weights) -> Tensor:
-    """y += Σ s · (x Aᵀ) Bᵀ over `weights` (LoraWeights), in place, no grad: one matmul and one addmm_ each.
-
-    x (..., in), y (..., out) a fresh output (not a view of anything the caller keeps).
-    """
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.view(-1, y.shape[-1])
-    for w in weights:
-        xa = x2 if x2.dtype == w.A.dtype else x2.to(w.A.dtype)
-        u = xa @ w.A.t()
-        if y.dtype == w.A.dtype:
-            y2.addmm_(u, w.B.t(), alpha=w.scale)
+def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x: Tensor) -> Tensor:
+    """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer."""
+    dx = None
+    for dy2, W in zip(dy2s, Ws):
+        if dy2 is None:
+            continue
+        if dx is None:
+            dx = dy2 @ W
         else:
-            y2.add_((u @ w.B.t()).mul_(w.scale).to(y.dtype))
-    return y
+            dx.addmm_(dy2, W)
+    if dx is None:
+        dx = torch.zeros(G.shape[0], A.shape[1], dtype=x.dtype, device=x.device)
+    if keep is None and dx.dtype == A.dtype:
+        dx.addmm_(G, A)
+    else:
+        t = G @ A
+        if keep is not None:
+            t.mul_(keep)
+        dx.add_(t.to(dx.dtype))
+    return dx.view(x.shape)
+
+
+def lora_linear_train(
+    x: Tensor, layers: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]], p: float, addmm_bias: bool
+) -> tuple[Tensor, ...]:
+    """Base + one adapter each for k layers reading x, through LoraLinearFunction.
+
+    layers: (W (out, in) frozen, b or None, A, B, scale) per layer. p: the dropout probability (0 in eval).
+    Returns the k outputs.
+    """
+    seed = draw_seed() if p > 0.0 else 0
+    Ws, bs, As, Bs, scales = zip(*layers)
+    return LoraLinearFunction.apply(x, p, seed, tuple(scales), addmm_bias, *Ws, *bs, *As, *Bs)

@@ -1,22 +1,24 @@
 """Adapter directories on disk: PEFT's `adapter_config.json` + `adapter_model.safetensors`.
 
 Low level and model-free: read or write one adapter directory as (config dict, tensors, metadata).
-Writes are atomic (everything goes to a temporary directory beside the target, then renames into place),
-reads never unpickle anything and raise `AdapterFileError` naming the file and what is wrong.
+Writes are all-or-nothing (`atomic.replace_files`: the new config and weights are committed together, so a kill
+at any instant leaves the complete old adapter or the complete new one); reads see the last committed save,
+never unpickle anything and raise `AdapterFileError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..atomic import clean_stale, replace_files, resolve
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -60,7 +62,7 @@ def adapter_dir(root: str | os.PathLike, name: str = "default") -> Path:
 
 def read_config(path: str | os.PathLike) -> dict:
     """Parse `path/adapter_config.json`. Raises AdapterFileError naming the file."""
-    file = Path(path) / CONFIG_NAME
+    file = resolve(path, CONFIG_NAME)
     if not Path(path).is_dir():
         raise AdapterFileError(f"{path}: not an adapter directory (it does not exist or is not a directory)")
     if not file.is_file():
@@ -71,6 +73,8 @@ def read_config(path: str | os.PathLike) -> dict:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{file}: not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise AdapterFileError(f"{file}: JSON nested too deeply to be a config") from err
     if not isinstance(data, dict):
         raise AdapterFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -79,30 +83,67 @@ def read_config(path: str | os.PathLike) -> dict:
 def read_adapter(path: str | os.PathLike, device: str | torch.device = "cpu") -> AdapterFiles:
     """Read a whole adapter directory into memory (safetensors only; a .bin file is refused, never unpickled).
 
+    Reads the last committed save: through the journal a killed save left (see atomic.replace_files), and
+    again when a concurrent save moves a file away between finding and opening it.
+
     Raises:
-        AdapterFileError: missing files, invalid JSON, or a corrupt / truncated safetensors file.
+        AdapterFileError: missing files, invalid JSON, a corrupt / truncated safetensors file, or NaN / inf
+            in a tensor (naming the key and the count).
     """
-    path = Path(path)
+    for attempt in range(3):
+        try:
+            return _read(Path(path), device)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read(path: Path, device: str | torch.device) -> AdapterFiles:
     config = read_config(path)
-    weights = path / WEIGHTS_NAME
+    weights = resolve(path, WEIGHTS_NAME)
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
             raise AdapterFileError(
                 f"{path / 'adapter_model.bin'}: pickle files are never loaded (they can run code); "
                 f"convert it to {WEIGHTS_NAME} in a trusted environment"
             )
-        raise AdapterFileError(f"{weights}: missing")
+        raise AdapterFileError(f"{path / WEIGHTS_NAME}: missing")
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
+    except FileNotFoundError:
+        raise  # moved by a concurrent save: read_adapter reads again
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        if not weights.exists():
+            raise FileNotFoundError(weights) from err
         raise AdapterFileError(
-            f"{weights}: unreadable safetensors file, corrupt or truncated? ({err})"
+            f"{path / WEIGHTS_NAME}: unreadable safetensors file, corrupt or truncated? ({err})"
         ) from err
+    check_finite(path / WEIGHTS_NAME, tensors)
     return AdapterFiles(path, config, tensors, metadata)
+
+
+def check_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN / inf in any floating-point tensor: they would load silently and poison every output.
+
+    Raises:
+        AdapterFileError: naming the file, the first keys and how many values of each are not finite.
+    """
+    bad = []
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{key!r} has {n} of {t.numel()}")
+    if bad:
+        more = f" (and {len(bad) - 3} more tensors)" if len(bad) > 3 else ""
+        raise AdapterFileError(
+            f"{file}: non-finite values (NaN / inf): {'; '.join(bad[:3])}{more}; expected finite numbers"
+        )
 
 
 def write_adapter(
@@ -110,27 +151,27 @@ def write_adapter(
     config: dict,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write an adapter directory atomically: files go to a temporary sibling directory, then each is
-    renamed into `path` (an existing adapter there is replaced file by file, other files are kept).
+    """Write an adapter directory all-or-nothing (atomic.replace_files): under a kill at any instant `path`
+    holds the complete old adapter or the complete new one. Other files in `path` are kept.
 
-    Returns the directory written.
+    Args:
+        extra: writes more files into the same transaction (called with the staging folder), e.g. the
+            tokenizer of an adapter that grew the vocabulary.
+    Returns:
+        The directory written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent, path.name)  # sibling temporaries of killed saves (lorakit 0.1.0 put them there)
     meta = {"format": "pt", **(metadata or {})}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / WEIGHTS_NAME), metadata=meta)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        path.mkdir(parents=True, exist_ok=True)
-        # Weights first, config last: a directory with the new config always has the new weights.
-        os.replace(tmp / WEIGHTS_NAME, path / WEIGHTS_NAME)
-        os.replace(tmp / CONFIG_NAME, path / CONFIG_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def fill(stage: Path) -> None:
+        save_file(contiguous, str(stage / WEIGHTS_NAME), metadata=meta)
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(stage)
+
+    return replace_files(path, fill)

@@ -12,19 +12,20 @@ from torch import Tensor
 
 from ..adapters import (
     Adapter,
-    _check_name,
-    _token_plan,
     active_adapters,
     adapter_records,
     add_adapter,
     base_fingerprint,
+    check_adapter_name,
     delete_adapter,
     get_adapter,
     lora_layers,
     set_adapter,
+    token_plan,
 )
 from ..config import LoraConfig
-from ..inject import find_modules, find_targets, model_modules
+from ..inject import find_modules, find_targets, model_modules, tied_heads
+from ..variants import variant_for
 from . import keys
 from .files import CONFIG_NAME, AdapterFileError, AdapterFiles, adapter_dir, read_adapter
 from .save import FINGERPRINT_KEY
@@ -68,7 +69,7 @@ def load_adapter(
             module). ValueError: `name` invalid or in use. RuntimeError: adapters are merged.
         On any error the model is unchanged.
     """
-    _check_name(name)
+    check_adapter_name(name)
     if name in adapter_records(model):
         raise ValueError(
             f"adapter {name!r} already exists on this model; delete it or load under another name"
@@ -90,149 +91,188 @@ def load_adapter(
 
 
 def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Plan:
-    weights = files.weights_path
-    config_file = files.path / CONFIG_NAME
+    """Every tensor of `files` assigned to its module and slot, each checked against the model and config.
 
-    def fail(msg: str) -> AdapterFileError:
-        return AdapterFileError(f"{weights}: {msg}")
-
-    modules = dict(model_modules(model))
+    Raises AdapterFileError naming the file (and module / key) at the first problem.
+    """
+    check = _Checker(model, files, config)
     for k, t in files.tensors.items():
         if not t.is_floating_point():
-            raise fail(f"tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
-    try:
-        saved_names = _saved_modules(model, config.modules_to_save or [])
-        token_plan = _token_plan(model, config)
-    except ValueError as err:
-        raise AdapterFileError(f"{config_file}: {err}") from err
-
-    # Output heads tied to a saved embedding follow its copy; PEFT (ensure_weight_tying) also writes them.
-    tied_heads = _tied_heads(model, saved_names)
-    tied_found: dict[str, dict[str, Tensor]] = {}
-    plan = _Plan()
+            raise check.fail(f"tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
     for k, t in files.tensors.items():
-        parsed = keys.parse(k)
-        if parsed is not None and parsed[0] not in modules:
-            raise fail(f"key {k!r} names module {parsed[0]!r}, which this model does not have")
-        if parsed is not None and parsed[1] in ("A", "B", "magnitude"):
-            plan.lora.setdefault(parsed[0], {})[parsed[1]] = t
-        elif parsed is not None and parsed[1] == "tokens":
-            if parsed[0] not in token_plan:
-                raise fail(f"unexpected key {k!r}: trainable_token_indices does not name {parsed[0]!r}")
-            plan.tokens[parsed[0]] = (token_plan[parsed[0]], t)
-        elif parsed is not None and parsed[1] == "lora_bias":
-            raise fail(f"key {k!r}: LoRA biases (lora_bias=True) are not supported")
-        elif parsed is not None and parsed[1] == "bias" and config.bias != "none":
-            plan.biases[parsed[0]] = t
-        elif parsed is not None and parsed[1] == "base_weight":
-            plan.base_weights[parsed[0]] = t
-        else:
-            owner = _saved_owner(k, saved_names)
-            tied_owner = _saved_owner(k, list(tied_heads))
-            module = k[len(keys.PREFIX) : -len(".bias")] if k.startswith(keys.PREFIX) else None
-            if owner is not None:
-                plan.saved.setdefault(owner, {})[k[len(keys.PREFIX) + len(owner) + 1 :]] = t
-            elif tied_owner is not None:
-                tied_found.setdefault(tied_owner, {})[k[len(keys.PREFIX) + len(tied_owner) + 1 :]] = t
-            elif config.bias == "all" and k.endswith(".bias") and module in modules:
-                plan.biases[module] = t
-            else:
-                raise fail(
-                    f"unexpected key {k!r}: not a LoRA, trainable-token, modules_to_save or bias tensor"
-                )
+        check.assign(k, t)
+    check.lora()
+    check.tokens()
+    check.saved()
+    check.biases_and_base_weights()
+    return check.plan
 
-    # LoRA: the modules with tensors must be exactly the ones the config targets, each complete and in shape.
-    try:
-        expected = find_targets(model, config)
-    except ValueError as err:
-        raise AdapterFileError(f"{config_file}: {err}") from err
-    missing = [n for n in expected if n not in plan.lora]
-    if missing:
-        raise fail(f"no LoRA tensors for modules {missing} that target_modules in {CONFIG_NAME} selects")
-    extra = [n for n in plan.lora if n not in expected]
-    if extra:
-        raise fail(
-            f"unexpected LoRA tensors for modules {extra}: target_modules in {CONFIG_NAME} does not select them"
-        )
-    for n, found in plan.lora.items():
-        r = config.rank_for(n)
+
+class _Checker:
+    """The steps of `_validate`, sharing the file, the model's modules and the plan being filled."""
+
+    def __init__(self, model: nn.Module, files: AdapterFiles, config: LoraConfig) -> None:
+        self.model, self.files, self.config = model, files, config
+        self.config_file = files.path / CONFIG_NAME
+        self.modules = dict(model_modules(model))
         try:
-            shapes = keys.lora_shapes(modules[n], r)
+            self.saved_names = _saved_modules(model, config.modules_to_save or [])
+            self.token_plan = token_plan(model, config)
+        except ValueError as err:
+            raise AdapterFileError(f"{self.config_file}: {err}") from err
+        # Output heads tied to a saved embedding follow its copy; PEFT (ensure_weight_tying) also writes them.
+        self.tied_heads = {
+            h: n for n in self.saved_names for h in _tied_saved_heads(model, n, self.saved_names)
+        }
+        self.tied_found: dict[str, dict[str, Tensor]] = {}
+        self.plan = _Plan()
+
+    def fail(self, msg: str) -> AdapterFileError:
+        return AdapterFileError(f"{self.files.weights_path}: {msg}")
+
+    def assign(self, k: str, t: Tensor) -> None:
+        """Put tensor `k` in its slot of the plan, or raise for a key that fits none."""
+        parsed = keys.parse(k)
+        if parsed is not None and parsed[0] not in self.modules:
+            raise self.fail(f"key {k!r} names module {parsed[0]!r}, which this model does not have")
+        module, kind = parsed if parsed is not None else (None, None)
+        if kind in ("A", "B", "magnitude"):
+            self.plan.lora.setdefault(module, {})[kind] = t
+        elif kind == "tokens":
+            if module not in self.token_plan:
+                raise self.fail(f"unexpected key {k!r}: trainable_token_indices does not name {module!r}")
+            self.plan.tokens[module] = (self.token_plan[module], t)
+        elif kind == "lora_bias":
+            raise self.fail(f"key {k!r}: LoRA biases (lora_bias=True) are not supported")
+        elif kind == "bias" and self.config.bias != "none":
+            self.plan.biases[module] = t
+        elif kind == "base_weight":
+            self.plan.base_weights[module] = t
+        else:
+            self._assign_full(k, t)
+
+    def _assign_full(self, k: str, t: Tensor) -> None:
+        """A full tensor: of a modules_to_save copy, of a head tied to one, or a bias (bias="all")."""
+        owner = _saved_owner(k, self.saved_names)
+        tied_owner = _saved_owner(k, list(self.tied_heads))
+        module = k[len(keys.PREFIX) : -len(".bias")] if k.startswith(keys.PREFIX) else None
+        if owner is not None:
+            self.plan.saved.setdefault(owner, {})[k[len(keys.PREFIX) + len(owner) + 1 :]] = t
+        elif tied_owner is not None:
+            self.tied_found.setdefault(tied_owner, {})[k[len(keys.PREFIX) + len(tied_owner) + 1 :]] = t
+        elif self.config.bias == "all" and k.endswith(".bias") and module in self.modules:
+            self.plan.biases[module] = t
+        else:
+            raise self.fail(
+                f"unexpected key {k!r}: not a LoRA, trainable-token, modules_to_save or bias tensor"
+            )
+
+    def lora(self) -> None:
+        """The modules with LoRA tensors are exactly the ones the config targets, each complete and in shape
+        (the tensors the config's variant carries: variants.py `file_kinds`)."""
+        try:
+            expected = find_targets(self.model, self.config)
+        except ValueError as err:
+            raise AdapterFileError(f"{self.config_file}: {err}") from err
+        missing = [n for n in expected if n not in self.plan.lora]
+        if missing:
+            raise self.fail(
+                f"no LoRA tensors for modules {missing} that target_modules in {CONFIG_NAME} selects"
+            )
+        extra = [n for n in self.plan.lora if n not in expected]
+        if extra:
+            raise self.fail(
+                f"unexpected LoRA tensors for modules {extra}: target_modules in {CONFIG_NAME} does not select them"
+            )
+        variant = variant_for(self.config.use_dora)
+        for n, found in self.plan.lora.items():
+            self._lora_module(n, found, variant)
+
+    def _lora_module(self, n: str, found: dict[str, Tensor], variant) -> None:
+        module, r = self.modules[n], self.config.rank_for(n)
+        try:
+            shapes = keys.lora_shapes(module, r)
         except TypeError as err:
-            raise fail(f"module {n!r}: {err}") from err
-        wanted = ["A", "B"] + (["magnitude"] if config.use_dora else [])
-        if config.use_dora and "magnitude" not in shapes:
-            raise fail(f"module {n!r}: DoRA needs a Linear or Conv1D, not a {type(modules[n]).__name__}")
+            raise self.fail(f"module {n!r}: {err}") from err
+        wanted = variant.file_kinds
+        if any(kind not in shapes for kind in wanted):
+            raise self.fail(
+                f"module {n!r}: {variant.kind} needs a Linear or Conv1D, not a {type(module).__name__}"
+            )
         for kind in wanted:
             if kind not in found:
-                raise fail(f"missing key {keys.key(n, kind, modules[n])!r} for module {n!r}")
+                raise self.fail(f"missing key {keys.key(n, kind, module)!r} for module {n!r}")
         for kind, t in found.items():
             if kind not in wanted:
-                raise fail(
-                    f"unexpected key {keys.key(n, kind, modules[n])!r}: use_dora is false in {CONFIG_NAME}"
+                raise self.fail(
+                    f"unexpected key {keys.key(n, kind, module)!r}: use_dora is false in {CONFIG_NAME}"
                 )
             if tuple(t.shape) != shapes[kind]:
-                raise fail(
-                    f"module {n!r}: {keys.key(n, kind, modules[n])!r} has shape {tuple(t.shape)}, expected "
-                    f"{shapes[kind]} (rank {r} on a {type(modules[n]).__name__})"
+                raise self.fail(
+                    f"module {n!r}: {keys.key(n, kind, module)!r} has shape {tuple(t.shape)}, expected "
+                    f"{shapes[kind]} (rank {r} on a {type(module).__name__})"
                 )
 
-    for n, ids in token_plan.items():
-        if n not in plan.tokens:
-            raise fail(f"missing key {keys.key(n, 'tokens')!r} for trainable tokens of module {n!r}")
-        emb = modules[n]
-        # An Embedding's rows are (num, dim); an untied output Linear's rows are (out, in).
-        rows, dim = (
-            (emb.num_embeddings, emb.embedding_dim)
-            if isinstance(emb, nn.Embedding)
-            else (emb.out_features, emb.in_features)
-        )
-        bad = [i for i in ids if not 0 <= i < rows]
-        if bad:
-            raise AdapterFileError(
-                f"{config_file}: trainable_token_indices {bad} are outside {n!r} (0..{rows - 1})"
+    def tokens(self) -> None:
+        for n, ids in self.token_plan.items():
+            if n not in self.plan.tokens:
+                raise self.fail(f"missing key {keys.key(n, 'tokens')!r} for trainable tokens of module {n!r}")
+            emb = self.modules[n]
+            # An Embedding's rows are (num, dim); an untied output Linear's rows are (out, in).
+            rows, dim = (
+                (emb.num_embeddings, emb.embedding_dim)
+                if isinstance(emb, nn.Embedding)
+                else (emb.out_features, emb.in_features)
             )
-        shape = tuple(plan.tokens[n][1].shape)
-        if shape != (len(ids), dim):
-            raise fail(f"module {n!r}: trainable tokens have shape {shape}, expected {(len(ids), dim)}")
-
-    for n in saved_names:
-        base = _own_state(modules[n])
-        found = plan.saved.get(n, {})
-        if sorted(found) != sorted(base):
-            lost = sorted(set(base) - set(found))
-            extra = sorted(set(found) - set(base))
-            raise fail(f"modules_to_save {n!r}: missing tensors {lost}, unexpected tensors {extra}")
-        for k, t in found.items():
-            if t.shape != base[k].shape:
-                raise fail(
-                    f"modules_to_save {n!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(base[k].shape)}"
+            bad = [i for i in ids if not 0 <= i < rows]
+            if bad:
+                raise AdapterFileError(
+                    f"{self.config_file}: trainable_token_indices {bad} are outside {n!r} (0..{rows - 1})"
+                )
+            shape = tuple(self.plan.tokens[n][1].shape)
+            if shape != (len(ids), dim):
+                raise self.fail(
+                    f"module {n!r}: trainable tokens have shape {shape}, expected {(len(ids), dim)}"
                 )
 
-    for head, found in tied_found.items():
-        weight = plan.saved.get(tied_heads[head], {}).get("weight")
-        extra = sorted(set(found) - {"weight"})
-        if extra or weight is None or not torch.equal(found["weight"], weight):
-            raise fail(
-                f"modules_to_save: {head!r} is tied to {tied_heads[head]!r}, but the file's "
-                f"{keys.PREFIX}{head}.weight differs from it (or carries {extra})"
-            )
+    def saved(self) -> None:
+        for n in self.saved_names:
+            base = _own_state(self.modules[n])
+            found = self.plan.saved.get(n, {})
+            if sorted(found) != sorted(base):
+                lost = sorted(set(base) - set(found))
+                extra = sorted(set(found) - set(base))
+                raise self.fail(f"modules_to_save {n!r}: missing tensors {lost}, unexpected tensors {extra}")
+            for k, t in found.items():
+                if t.shape != base[k].shape:
+                    raise self.fail(
+                        f"modules_to_save {n!r}: {k!r} has shape {tuple(t.shape)}, expected {tuple(base[k].shape)}"
+                    )
+        for head, found in self.tied_found.items():
+            weight = self.plan.saved.get(self.tied_heads[head], {}).get("weight")
+            extra = sorted(set(found) - {"weight"})
+            if extra or weight is None or not torch.equal(found["weight"], weight):
+                raise self.fail(
+                    f"modules_to_save: {head!r} is tied to {self.tied_heads[head]!r}, but the file's "
+                    f"{keys.PREFIX}{head}.weight differs from it (or carries {extra})"
+                )
 
-    for n, t in plan.biases.items():
-        bias = modules[n]._parameters.get("bias")
-        if bias is None or bias.shape != t.shape:
-            want = "no bias" if bias is None else f"shape {tuple(bias.shape)}"
-            raise fail(f"module {n!r}: bias of shape {tuple(t.shape)} in the file, the module has {want}")
-
-    for n, t in plan.base_weights.items():
-        # PEFT saves an adapted embedding's own weight (save_embedding_layers); it must be the model's.
-        w = getattr(modules[n], "weight", None)
-        if w is None or w.shape != t.shape or not torch.equal(t.to(w.dtype), w.detach()):
-            raise fail(
-                f"module {n!r}: the file carries a base weight ({keys.PREFIX}{n}.base_layer.weight) that differs "
-                "from the model's; resize / restore the base embedding it was trained with first"
-            )
-    return plan
+    def biases_and_base_weights(self) -> None:
+        for n, t in self.plan.biases.items():
+            bias = self.modules[n]._parameters.get("bias")
+            if bias is None or bias.shape != t.shape:
+                want = "no bias" if bias is None else f"shape {tuple(bias.shape)}"
+                raise self.fail(
+                    f"module {n!r}: bias of shape {tuple(t.shape)} in the file, the module has {want}"
+                )
+        for n, t in self.plan.base_weights.items():
+            # PEFT saves an adapted embedding's own weight (save_embedding_layers); it must be the model's.
+            w = getattr(self.modules[n], "weight", None)
+            if w is None or w.shape != t.shape or not torch.equal(t.to(w.dtype), w.detach()):
+                raise self.fail(
+                    f"module {n!r}: the file carries a base weight ({keys.PREFIX}{n}.base_layer.weight) that "
+                    "differs from the model's; resize / restore the base embedding it was trained with first"
+                )
 
 
 def _saved_modules(model: nn.Module, specs: list[str]) -> list[str]:
@@ -244,17 +284,11 @@ def _saved_modules(model: nn.Module, specs: list[str]) -> list[str]:
     return find_modules(model, present, "modules_to_save") if present else []
 
 
-def _tied_heads(model: nn.Module, saved_names: list[str]) -> dict[str, str]:
-    """{output Linear name: the saved Embedding its weight is tied to} (as adapters._tie_saved_heads)."""
-    out = {}
-    for n in saved_names:
-        emb = model.get_submodule(n)
-        if not isinstance(emb, nn.Embedding):
-            continue
-        for h, m in model_modules(model):
-            if h not in saved_names and isinstance(m, nn.Linear) and getattr(m, "weight", None) is emb.weight:
-                out[h] = n
-    return out
+def _tied_saved_heads(model: nn.Module, path: str, saved_names: list[str]) -> list[str]:
+    """The output Linears tied to saved Embedding `path` (not saved themselves), as adapters._tie_saved_heads."""
+    if not isinstance(model.get_submodule(path), nn.Embedding):
+        return []
+    return [h for h, _ in tied_heads(model, path) if h not in saved_names]
 
 
 def _saved_owner(k: str, saved_names: list[str]) -> str | None:
@@ -269,17 +303,12 @@ def _own_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in module.state_dict().items() if not k.startswith("lora_copies.")}
 
 
-def _token_modules(model: nn.Module, token_plan: dict) -> list[str]:
+def _token_modules(model: nn.Module, plan: dict) -> list[str]:
     """The modules trainable tokens live on: each embedding and any output head tied to it (as _add_tokens)."""
     names = []
-    for n in token_plan:
-        emb = model.get_submodule(n)
+    for n in plan:
         names.append(n)
-        names += [
-            h
-            for h, m in model_modules(model)
-            if h != n and isinstance(m, nn.Linear) and getattr(m, "weight", None) is emb.weight
-        ]
+        names += [h for h, _ in tied_heads(model, n)]
     return names
 
 
@@ -316,10 +345,8 @@ def _inject(model: nn.Module, name: str, config: LoraConfig, plan: _Plan, activa
         with torch.no_grad():
             for n, found in plan.lora.items():
                 w = model.get_submodule(n).lora[name]
-                w.A.copy_(found["A"])
-                w.B.copy_(found["B"])
-                if "magnitude" in found:
-                    w.magnitude.copy_(found["magnitude"])
+                for kind, t in w.variant.tensors(w).items():  # A, B and what the variant adds
+                    t.copy_(found[kind])
             for n, (_, values) in plan.tokens.items():
                 model.get_submodule(n).tokens[name].values.copy_(values)
             for n, state in plan.saved.items():

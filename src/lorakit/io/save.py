@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
+from .. import functional as LF
 from ..adapters import Adapter, get_adapter
 from ..config import LoraConfig
 from ..inject import compact_targets, model_modules
@@ -23,7 +25,12 @@ VERSION_KEY = "lorakit.version"
 
 
 def save_adapter(
-    model: nn.Module, dir: str | os.PathLike, name: str = "default", dtype: torch.dtype | None = None
+    model: nn.Module,
+    dir: str | os.PathLike,
+    name: str = "default",
+    dtype: torch.dtype | None = None,
+    *,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write adapter `name` of `model` in PEFT's format: `dir` for "default", else `dir/<name>/` (PEFT's rule).
 
@@ -31,10 +38,12 @@ def save_adapter(
     `base_model.model.` prefix, adapter name stripped), loadable by `load_adapter` and by PEFT's
     `PeftModel.from_pretrained`. A PiSSA adapter is saved converted to a plain rank-2r LoRA that works on the
     untouched base. The safetensors metadata carries the base fingerprint (`lorakit.fingerprint`). The write
-    is atomic: an interrupted save leaves the previous files in place.
+    is all-or-nothing (io.files.write_adapter): killed at any instant, the directory holds the complete old
+    adapter or the complete new one.
 
     Args:
         dtype: cast the adapter tensors to this dtype (default: as they are, usually fp32).
+        extra: writes more files into the same all-or-nothing save (called with the staging folder).
     Returns:
         The directory written.
     Raises:
@@ -47,18 +56,15 @@ def save_adapter(
     for module_name in adapter.lora_modules:
         layer = model.get_submodule(module_name)
         w: LoraWeights = layer.lora[name]
-        A, B = w.A.detach(), w.B.detach()
-        init = getattr(w, "pissa_init", None)
-        if init is not None:
+        found = {kind: t.detach() for kind, t in w.variant.tensors(w).items()}
+        if w.pissa_init is not None:
             # ΔW - ΔW₀ = s·(B A - B₀ A₀) = s·[B, -B₀] [A; A₀]: a plain rank-2r LoRA on the untouched base.
-            A0, B0 = init
-            A = torch.cat([A, A0.to(A.dtype)], dim=0)
-            B = torch.cat([B, -B0.to(B.dtype)], dim=1)
+            A0, B0 = w.pissa_init
+            A, B = found["A"], found["B"]
+            found["A"], found["B"] = LF.concat_factors([(A, B, 1.0), (A0.to(A.dtype), B0.to(B.dtype), -1.0)])
             pissa = True
-        tensors[keys.key(module_name, "A", layer)] = A
-        tensors[keys.key(module_name, "B", layer)] = B
-        if w.magnitude is not None:
-            tensors[keys.key(module_name, "magnitude")] = w.magnitude.detach()
+        for kind, t in found.items():
+            tensors[keys.key(module_name, kind, layer)] = t
     written: set[int] = set()
     # Embeddings first: a tied output head shares the embedding's TokenWeights; PEFT saves them once, on
     # the embedding. An untied head has its own rows and saves them under its own name.
@@ -98,7 +104,7 @@ def save_adapter(
     if adapter.fingerprint:
         metadata[FINGERPRINT_KEY] = adapter.fingerprint
     root = Path(dir)
-    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata)
+    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata, extra=extra)
 
 
 def _biases(model: nn.Module, adapter: Adapter) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.adapters import _check_name, adapter_records
+from lorakit.adapters import adapter_records, check_adapter_name
 from lorakit.config import LoraConfig
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, read_adapter
 
@@ -111,7 +111,7 @@ class AdapterRegistry:
             AdapterConflict: an invalid name, the base's name, or a name in use. AdapterFileError: bad files.
         """
         try:
-            _check_name(name)
+            check_adapter_name(name)
         except ValueError as err:
             raise AdapterConflict(str(err)) from err
         if name == self.base_name or name in self._paths or name in adapter_records(self.model):

@@ -1,4 +1,5 @@
-"""Adapter tools working on adapter files, no base model needed: inspect, resize, combine, convert, sweep.
+"""Adapter tools working on adapter files, no base model needed: inspect, resize, combine, convert
+(the rank sweep trains, so it is lorakit.train.sweep).
 
 Each lives in its own module; `commands.py` is the thin CLI. All ΔW math goes through `lorakit.functional`.
 """

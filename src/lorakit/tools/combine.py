@@ -194,8 +194,10 @@ def _linear(name: str, present: list[tuple[ModuleLora, float]], terms) -> tuple[
             f"combine: --method linear needs equal ranks, module {name!r} has ranks {sorted(ranks)}; "
             "use --method cat (exact) or svd"
         )
-    A = sum(a * (abs(c) ** 0.5 if c >= 0 else -(abs(c) ** 0.5)) for a, _, c in terms)
-    B = sum(b * abs(c) ** 0.5 for _, b, c in terms)
+    # PEFT's linear combination: each term's coefficient split over its A (signed) and B (functional.py)
+    splits = [LF.split_coefficient(c) for _, _, c in terms]
+    A = sum(a * signed for (a, _, _), (_, signed) in zip(terms, splits))
+    B = sum(b * root for (_, b, _), (root, _) in zip(terms, splits))
     return A, B
 
 

@@ -1,4 +1,4 @@
-"""`lorakit inspect | resize | combine | convert | sweep`: thin argparse wrappers over lorakit.tools."""
+"""`lorakit inspect | resize | combine | convert`: thin argparse wrappers over lorakit.tools."""
 
 from __future__ import annotations
 
@@ -43,31 +43,6 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), required=True)
     _output_args(p)
     p.set_defaults(func=_convert)
-
-    _register_sweep(sub)
-
-
-def _register_sweep(sub) -> None:
-    """`lorakit sweep --ranks 4 8 16 [train options]`: the train command's own options (one definition,
-    from `lorakit.train.cmd_train.add_train_arguments`), plus --ranks."""
-    description = (
-        "Train one adapter per rank with the same data, steps and seed (the options of `lorakit train`), "
-        "then print and plot held-out metric and trainable parameters against rank. --output is the "
-        "sweep's root (default runs/sweep): OUTPUT/r<rank>/ per run, OUTPUT/sweep.json and OUTPUT/sweep.png."
-    )
-    try:
-        from lorakit.train import cmd_train
-    except ImportError:  # training is not part of this install
-        return
-
-    p = sub.add_parser("sweep", help="train each rank on the same data; metric and size against rank",
-                       description=description)  # fmt: skip
-    cmd_train.add_train_arguments(p)
-    p.add_argument(
-        "--ranks", type=int, nargs="+", required=True, help="the ranks to train, e.g. 4 8 16 32 64"
-    )
-    p.add_argument("--retrain", action="store_true", help="train every rank again, even one already done")
-    p.set_defaults(func=_sweep)
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -134,25 +109,3 @@ def _report(args, rows: list[tuple[str, str, float]], as_json: list[dict], notes
           f"mean {sum(errs) / len(errs):.4f}")  # fmt: skip
     for note in notes:
         print(f"note: {note}")
-
-
-def _sweep(args) -> int:
-    from lorakit.train.cmd_train import resolve
-
-    from .sweep import format_table, sweep
-
-    if args.rank is not None:
-        raise ValueError("sweep: give the ranks with --ranks, not --rank")
-    if args.resume:
-        raise ValueError(
-            "sweep: --resume does not apply; a sweep reuses the ranks already done unless --retrain"
-        )
-    base = resolve(args)
-    # The sweep's root: --output, else the config file's output, else runs/sweep (not train's default).
-    from lorakit.train import TrainConfig
-
-    output = args.output or (base.output if base.output != TrainConfig.output else "runs/sweep")
-    summary = sweep(base, args.ranks, output, reuse=not args.retrain)
-    print(format_table(summary))
-    print(f"wrote {output}/sweep.json and {output}/sweep.png")
-    return 0

@@ -7,6 +7,7 @@ and the data position are functions of it), and the RNG states of every process 
 Layout of `<output>/checkpoint/`:
     LATEST                   the name of the newest complete checkpoint, replaced atomically (os.replace)
     step-000050/             one checkpoint, written under a temporary name and renamed when complete
+                             (atomic.write_dir; temporaries of killed saves are removed by the next save)
         trainable.safetensors    every trainable parameter, by name
         optimizer.safetensors    "<param name>/<state key>" -> AdamW state tensor
         rng.safetensors          "rank<i>/torch", "rank<i>/cuda<j>" -> RNG state bytes
@@ -21,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import clean_stale, resolve, write_dir, write_text
+
 DIRNAME = "checkpoint"
+RESULTS = "results.json"  # written last by a finished run: the marker `finished` looks for
 # Options that change what the next step computes: a resumed run must agree with the checkpoint on them.
 # The rows per optimizer step must match too (checked apart): how they split into micro-batches and
 # processes may change (e.g. 2 processes x 2 rows resumed as 1 process x 2 rows x 2 accumulation).
@@ -113,8 +116,8 @@ def save(
     base = root(output)
     base.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(
             {n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors")
         )
@@ -131,22 +134,14 @@ def save(
             "elapsed": elapsed, "config": config, "rng": rng_json,
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(meta))
-        for f in tmp.iterdir():
-            _fsync(f)
-        final = base / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer_tmp = base / ".LATEST.tmp"
-    pointer_tmp.write_text(name)
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, base / "LATEST")
+
+    final = write_dir(base / name, fill, overwrite=True)
+    write_text(base / "LATEST", name)
     for old in base.iterdir():
-        if old.name != name and old.name not in ("LATEST",) and old.is_dir():
+        # Older checkpoints; temporaries only when their process is dead (one may still be saving).
+        if old.name != name and old.name.startswith("step-") and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+    clean_stale(base)
     return final
 
 
@@ -239,6 +234,46 @@ def restore(
     set_rng_state(ckpt.rng[rank])
 
 
+def finished(output: str | os.PathLike, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of a finished run in `output` made with the same options as `config`, else None.
+
+    A run is finished once its results.json is written (after the adapter, before the checkpoints are
+    deleted), so a kill between those steps still counts as finished. A new run on the same output removes
+    the old results.json when it starts (`discard_results`), so a finished run is never confused with an
+    unfinished one that followed it.
+
+    Raises:
+        ValueError: the finished run had the same options but another length (--steps / --epochs): a
+            finished run cannot be extended (its optimizer state is gone).
+    """
+    path = Path(output) / RESULTS
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ran = results.get("config") if isinstance(results, dict) else None
+    if not isinstance(ran, dict) or any(ran.get(k) != config.get(k) for k in MUST_MATCH):
+        return None
+    if not (
+        resolve(output, "adapter_config.json").is_file()
+        and resolve(output, "adapter_model.safetensors").is_file()
+    ):
+        return None
+    longer = [f"{k}: finished run {ran.get(k)!r}, now {config.get(k)!r}" for k in ("steps", "epochs")
+              if ran.get(k) != config.get(k)]  # fmt: skip
+    if longer:
+        raise ValueError(
+            f"--resume: {output} holds a finished run of another length ({'; '.join(longer)}); it cannot be "
+            "extended: train into another --output (or without --resume to start over)"
+        )
+    return results
+
+
+def discard_results(output: str | os.PathLike) -> None:
+    """A new run starts on `output`: the previous run's results.json no longer describes what it holds."""
+    (Path(output) / RESULTS).unlink(missing_ok=True)
+
+
 def remove(output: str | os.PathLike) -> None:
     """Delete the checkpoints of a finished run (the adapter is saved; AdamW's moments are not needed)."""
     shutil.rmtree(root(output), ignore_errors=True)
@@ -265,8 +300,3 @@ def _jsonable(x: Any) -> Any:
 
 def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

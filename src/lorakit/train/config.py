@@ -79,6 +79,7 @@ class TrainConfig:
                 f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid: expected {expected}"
             )
 
+        _check_types(self, bad)
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
         if self.quantize not in QUANTIZE:
@@ -151,6 +152,44 @@ class TrainConfig:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+_INTS = ("rank", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "log_every", "seed",
+         "loss_chunk", "steps")  # fmt: skip
+_NUMBERS = ("alpha", "dropout", "epochs", "lr", "warmup", "weight_decay", "max_grad_norm")
+_FLAGS = ("gradient_checkpointing", "resume", "train_embeddings", "skip_bad_rows")
+_STRINGS = ("model", "data", "eval_data", "output", "mode", "quantize", "new_tokens", "dtype")
+
+
+def _check_types(cfg: TrainConfig, bad) -> None:
+    """Each option's type before its range: booleans are not numbers, numbers are finite (a YAML `1e-4`
+    is a string to YAML 1.1, and gets a message saying so)."""
+    import math
+
+    for name in _INTS:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise bad(name, "an integer")
+    if not 0 <= cfg.seed < 2**63:
+        raise bad("seed", "an integer in [0, 2**63)")
+    for name in _NUMBERS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            raise bad(name, "a number (YAML reads 1e-4 as a string: write 1.0e-4)")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad(name, "a finite number")
+    for name in _FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false")
+    for name in _STRINGS:
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            raise bad(name, "a string")
+    if not isinstance(cfg.targets, str) and not (
+        isinstance(cfg.targets, list) and all(isinstance(t, str) for t in cfg.targets)
+    ):
+        raise bad("targets", "module names (a comma-separated string or a list) or a regex")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The options in a YAML config file ('-' in names read as '_').
 
@@ -163,8 +202,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 YAML"
+        ) from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except RecursionError as err:
+        raise ValueError(f"{path}: YAML nested too deeply; expected a mapping of options") from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -22,6 +22,38 @@ SLACK_TOKENS = 16
 LOSS_CHUNK = 1024
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), clamped where exp overflows a float (the one clamp the run log and eval share)."""
+    return math.exp(min(loss, 700.0))
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> tuple[float, int]:
+    """(mean cross-entropy over every loss token of `examples`, that token count); NaN when there are none.
+
+    The one held-out loss of lorakit (the training loop's eval and `evaluate`). Runs in eval mode and
+    restores the model's mode. chunk: the chunked output-head loss size (0: the plain loss).
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+            # A model the chunked loss cannot take gets the (exact) plain loss: no warning on every batch.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss_sum, n = causal_lm_loss(
+                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk
+                )
+            total += float(loss_sum)
+            count += n
+    finally:
+        model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
     """Loss, perplexity and (for SFT data) greedy exact match of `model` on `dataset`.
@@ -37,25 +69,11 @@ def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_to
     was_training = model.training
     model.eval()
     try:
-        device = _device(model)
         pad_id = _pad_id(tokenizer)
-        total, count = 0.0, 0
-        for i in range(0, len(dataset.examples), batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(dataset.examples[i : i + batch_size], pad_id).items()
-            }
-            # A model the chunked loss cannot take gets the (exact) plain loss: no warning on every batch.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loss_sum, n = causal_lm_loss(
-                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], LOSS_CHUNK
-                )
-            total += loss_sum.item()
-            count += n
-        loss = total / count if count else float("nan")
+        loss, count = heldout_loss(model, dataset.examples, batch_size, pad_id, LOSS_CHUNK)
         result = {
             "loss": loss,
-            "perplexity": math.exp(min(loss, 700.0)),
+            "perplexity": perplexity(loss),
             "exact_match": None,
             "n": len(dataset.examples),
             "tokens": count,

@@ -34,6 +34,7 @@ from ..data import collate
 from ..losses import causal_lm_loss
 from . import checkpoint, distributed
 from .config import TrainConfig
+from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
 
 
@@ -73,6 +74,18 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(
+            f"--output {output} exists and is not a directory; expected a directory (or a new path)"
+        )
+    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    if done is not None:
+        if ctx.is_main:
+            checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
+        say(
+            f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
+        )
+        return done
     _seed(cfg.seed)
 
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
@@ -201,6 +214,8 @@ def fit(
     else:
         if cfg.resume:
             say(f"--resume: no checkpoint in {output}; starting from step 0")
+        if ctx.is_main:
+            checkpoint.discard_results(output)  # this output now holds an unfinished run
         distributed.broadcast_params(ctx, plist)
         if ctx.world > 1:
             torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
@@ -294,6 +309,9 @@ def fit(
                     "continue with the same command and --resume"
                 )
                 raise KeyboardInterrupt
+    if cfg.save_every and last_saved < total:
+        # The trained state, so that a kill during the final evaluation and saves resumes without retraining.
+        save_checkpoint(total)
     progress.close()
     model.eval()
     seconds = seconds_before + time.perf_counter() - t0
@@ -330,22 +348,10 @@ def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-@torch.no_grad()
 def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> dict[str, float]:
-    """Token-averaged loss and perplexity of `model` on `examples` (eval mode, then back to train mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-            s, k = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk)
-            total, count = total + float(s), count + k
-    finally:
-        model.train(was_training)
-    loss = total / max(1, count)
-    return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50.0)), 4)}
+    """Token-averaged loss and perplexity of `model` on `examples` (evaluate.heldout_loss)."""
+    loss, _ = heldout_loss(model, examples, batch_size, pad_id, chunk)
+    return {"eval_loss": round(loss, 6), "eval_perplexity": round(perplexity(loss), 4)}
 
 
 class _Silent:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters import add_adapter, trainable_parameters
+from ..atomic import replace_files
 from ..config import LoraConfig
 from ..inject import model_modules
 from ..io import save_adapter
@@ -108,24 +107,14 @@ def prepare(
 
 def save_prepared(prepared: Prepared, output_dir: str | os.PathLike) -> Path:
     """Save adapter "default" (PEFT format) into `output_dir`, plus the tokenizer when the vocabulary grew
-    (load_model(adapter=output_dir) then grows the base the same way). Each file is replaced atomically."""
-    out = save_adapter(prepared.model, output_dir)
-    if prepared.new_token_ids:
-        save_tokenizer(prepared.tokenizer, out)
-    return out
+    (load_model(adapter=output_dir) then grows the base the same way), all in one all-or-nothing save."""
+    extra = (lambda stage: prepared.tokenizer.save_pretrained(str(stage))) if prepared.new_token_ids else None
+    return save_adapter(prepared.model, output_dir, extra=extra)
 
 
 def save_tokenizer(tokenizer, output_dir: str | os.PathLike) -> None:
-    """tokenizer.save_pretrained into a temporary sibling directory, then each file renamed into place."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out))
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """tokenizer.save_pretrained into `output_dir`, its files replaced all together (atomic.replace_files)."""
+    replace_files(output_dir, lambda stage: tokenizer.save_pretrained(str(stage)))
 
 
 def embedding_names(model: nn.Module) -> tuple[str, str | None, bool]:

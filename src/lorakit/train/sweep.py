@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from .plot import pyplot, save_figure
+from ..tools.plot import pyplot, save_figure
 
 
 def sweep(base, ranks: list[int], output: str | os.PathLike, reuse: bool = True) -> dict[str, Any]:

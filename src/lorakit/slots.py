@@ -1,0 +1,270 @@
+"""Per-row serving state, explicit: slots written when an adapter loads or leaves, one mapping per step.
+
+    slots = lorakit.RowSlots(model, capacity=8)   # attached to the model; per_row_adapters uses it
+    i = slots.load("a")                           # write adapter "a" into a free slot (vLLM's set_lora)
+    slots.evict("a")                              # free it (vLLM's reset_lora)
+    with lorakit.per_row_adapters(model, ["a", None, "b"]): model(batch)   # one RowMapping for the step
+
+Each Linear-like layer gets preallocated stacks (`LayerSlots`): A (S·rmax, in) and s·B (out, S·rmax), slot i
+in columns [i·rmax, i·rmax + rᵢ) (zero elsewhere), so one column mask per step serves every layer. A slot
+holds a *copy* of the adapter's factors as they were at `load`: call `load` again after changing them
+(training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters keeps slots valid.
+
+Without attached slots, `per_row_adapters` writes temporary slots for its own `with` block (fresh every
+time: always current, but a server should attach slots once and pay the copy only at load).
+
+Per row, everything an adapter carries applies: LoRA and DoRA factors (slots), trainable tokens and
+modules_to_save copies (their rows of the batch, from the adapter's own tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import rowstate
+from .adapters import adapter_layers, get_adapter, lora_layers
+from .fast.rows import row_runs
+from .layers import LinearLike, LoraLayer
+
+SLOTS_ATTR = "lorakit_slots"  # where a model keeps its attached RowSlots (model.__dict__)
+
+
+class LayerSlots:
+    """One layer's stacked slots. A (S·rmax, in), B (out, S·rmax) with each slot's scale folded in, ranks (S,)
+    (0: empty, or the adapter has nothing on this layer), row_factor (S + 1, out) DoRA's ratio - 1 per slot
+    (row S: rows without an adapter) or None while no DoRA adapter is resident."""
+
+    def __init__(self, capacity: int, rmax: int, d_in: int, d_out: int, dtype, device) -> None:
+        self.rmax = rmax
+        self.A = torch.zeros(capacity * rmax, d_in, dtype=dtype, device=device)
+        self.B = torch.zeros(d_out, capacity * rmax, dtype=dtype, device=device)
+        self.ranks = [0] * capacity
+        self.row_factor: Tensor | None = None
+        self.rescaled = [False] * capacity  # slot i has a DoRA factor
+
+    def write(self, i: int, A: Tensor, sB: Tensor, factor: Tensor | None) -> None:
+        """Slot i := (A (r, in), s·B (out, r), DoRA factor (out,) or None). r <= rmax."""
+        self.reset(i)
+        c, r = i * self.rmax, A.shape[0]
+        self.A[c : c + r].copy_(A)
+        self.B[:, c : c + r].copy_(sB)
+        self.ranks[i] = r
+        if factor is not None:
+            if self.row_factor is None:
+                self.row_factor = self.A.new_zeros(len(self.ranks) + 1, self.B.shape[0])
+            self.row_factor[i].copy_(factor)
+            self.rescaled[i] = True
+
+    def reset(self, i: int) -> None:
+        c = i * self.rmax
+        self.A[c : c + self.rmax].zero_()
+        self.B[:, c : c + self.rmax].zero_()
+        self.ranks[i] = 0
+        self.rescaled[i] = False
+        if self.row_factor is not None:
+            self.row_factor[i].zero_()
+
+    def slot(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(A_i (r, in), s·B_i (out, r), DoRA factor (out,) or None): views of slot i."""
+        c, r = i * self.rmax, self.ranks[i]
+        factor = self.row_factor[i] if self.rescaled[i] else None
+        return self.A[c : c + r], self.B[:, c : c + r], factor
+
+    def grown(self, rmax: int) -> LayerSlots:
+        """A copy with room for rank `rmax` per slot (same contents)."""
+        new = LayerSlots(len(self.ranks), rmax, self.A.shape[1], self.B.shape[0], self.A.dtype, self.A.device)
+        for i, r in enumerate(self.ranks):
+            c = i * self.rmax
+            new.A[i * rmax : i * rmax + r].copy_(self.A[c : c + r])
+            new.B[:, i * rmax : i * rmax + r].copy_(self.B[:, c : c + r])
+        new.ranks, new.rescaled, new.row_factor = list(self.ranks), list(self.rescaled), self.row_factor
+        return new
+
+
+class RowSlots:
+    """A model's per-row slots: `capacity` adapters resident at once, written at `load`, freed at `evict`.
+
+    attach: keep it on the model (`per_row_adapters` then uses it; one per model). Raises ValueError for
+    capacity < 1.
+    """
+
+    def __init__(self, model: nn.Module, capacity: int, attach: bool = True) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} is invalid: expected an integer >= 1")
+        self.model = model
+        self.capacity = capacity
+        self.rmax = 0
+        self.names: list[str | None] = [None] * capacity
+        self._layers: dict[LoraLayer, LayerSlots] = {}
+        self.members: set[nn.Module] = set()
+        self.refresh()
+        if attach:
+            model.__dict__[SLOTS_ATTR] = self
+
+    def index_of(self, name: str) -> int | None:
+        return self.names.index(name) if name in self.names else None
+
+    def load(self, name: str, index: int | None = None) -> int:
+        """Write adapter `name` into slot `index` (default: its current slot, else the first free one).
+
+        Returns the slot. Raises KeyError (unknown adapter), RuntimeError (slots full, or adapters merged),
+        IndexError (index out of range).
+        """
+        get_adapter(self.model, name)
+        if any(layer.merged for _, layer in lora_layers(self.model)):
+            raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
+        current = self.index_of(name)
+        if index is None:
+            index = current if current is not None else self._free_slot(name)
+        if not 0 <= index < self.capacity:
+            raise IndexError(f"slot {index} is outside 0..{self.capacity - 1}")
+        if current is not None and current != index:
+            self.evict(name)
+        if self.names[index] not in (None, name):
+            self.evict(self.names[index])
+        layers = [layer for _, layer in lora_layers(self.model) if isinstance(layer, LinearLike)]
+        rank = max((layer.lora[name].r for layer in layers if name in layer.lora), default=0)
+        if rank > self.rmax:
+            self.rmax = rank
+            self._layers = {layer: s.grown(rank) for layer, s in self._layers.items()}
+        for layer in layers:
+            if name in layer.lora:
+                self._slots_of(layer).write(index, *_factors(layer, name))
+            elif layer in self._layers:
+                self._layers[layer].reset(index)
+        self.names[index] = name
+        return index
+
+    def evict(self, name: str) -> None:
+        """Free `name`'s slot (no-op when it is not resident)."""
+        i = self.index_of(name)
+        if i is None:
+            return
+        for s in self._layers.values():
+            s.reset(i)
+        self.names[i] = None
+
+    def refresh(self) -> None:
+        """Follow adapters added or deleted since (called by add_adapter / delete_adapter): drop the slots
+        of layers that left the model and of adapters that no longer exist."""
+        present = {layer for _, layer in adapter_layers(self.model)}
+        self.members = present
+        self._layers = {layer: s for layer, s in self._layers.items() if layer in present}
+        known = set(self.model.__dict__.get("lorakit_adapters", {}))
+        for n in [n for n in self.names if n is not None and n not in known]:
+            self.evict(n)
+
+    def layer_slots(self, layer: nn.Module) -> LayerSlots | None:
+        return self._layers.get(layer)
+
+    def mapping(self, names: Sequence[str | None]) -> RowMapping:
+        """The step's RowMapping for batch rows `names` (each resident, or None). Raises KeyError otherwise."""
+        return RowMapping(self, names)
+
+    def _free_slot(self, name: str) -> int:
+        if None not in self.names:
+            raise RuntimeError(
+                f"cannot load adapter {name!r}: all {self.capacity} slots are in use ({self.names}); evict one"
+            )
+        return self.names.index(None)
+
+    def _slots_of(self, layer: LinearLike) -> LayerSlots:
+        if layer not in self._layers:
+            d_in, d_out = layer._in_out()
+            ref = next(iter(layer.lora.values())).A
+            self._layers[layer] = LayerSlots(self.capacity, self.rmax, d_in, d_out, ref.dtype, ref.device)
+        return self._layers[layer]
+
+
+def _factors(layer: LinearLike, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    w = layer.lora[name]
+    with torch.no_grad():
+        return w.variant.slot_factors(layer, w)
+
+
+class RowMapping:
+    """Which slot each batch row uses, for one step: built once, read by every layer (rowstate.current()).
+
+    groups: {name: rows (long tensor)}; runs: {name: contiguous [start, stop) runs}; slot_of: {name: slot};
+    the per-row slot indices and the column masks, made here for every dtype / device the slots use.
+    """
+
+    def __init__(self, slots: RowSlots, names: Sequence[str | None]) -> None:
+        self.slots = slots
+        self.slot_of: dict[str, int] = {}
+        for n in names:
+            if n is not None and n not in self.slot_of:
+                i = slots.index_of(n)
+                if i is None:
+                    raise KeyError(f"adapter {n!r} is not loaded in a slot; RowSlots.load it first")
+                self.slot_of[n] = i
+        rows: dict[str, list[int]] = {}
+        for row, n in enumerate(names):
+            if n is not None:
+                rows.setdefault(n, []).append(row)
+        self.runs = {n: row_runs(r) for n, r in rows.items()}
+        device = next((p.device for p in slots.model.parameters()), torch.device("cpu"))
+        self.groups = {n: torch.tensor(r, device=device) for n, r in rows.items()}
+        per_row = [slots.capacity if n is None else self.slot_of[n] for n in names]
+        width = slots.capacity * slots.rmax
+        kinds = {(s.A.dtype, s.A.device) for s in slots._layers.values()}
+        self._masks: dict = {}
+        self._slot_rows: dict = {}
+        for dtype, dev in kinds:
+            mask = torch.zeros(len(names), 1, width, dtype=dtype)
+            for row, i in enumerate(per_row):
+                if i < slots.capacity:
+                    mask[row, :, i * slots.rmax : (i + 1) * slots.rmax] = 1
+            self._masks[(dtype, dev)] = mask.to(dev)
+            self._slot_rows[dev] = torch.tensor(per_row, device=dev)
+
+    def covers(self, layer: nn.Module) -> bool:
+        """Whether `layer` belongs to the model these slots serve."""
+        return layer in self.slots.members
+
+    def column_mask(self, dtype, device) -> Tensor:
+        return self._masks[(dtype, device)]
+
+    def slot_rows_on(self, device) -> Tensor:
+        return self._slot_rows[device]
+
+
+def attached_slots(model: nn.Module) -> RowSlots | None:
+    return model.__dict__.get(SLOTS_ATTR)
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside, batch row i uses adapter names[i] alone (None: the base model). Inference (no_grad) uses the
+    slots; with gradients each group of rows runs the adapter's own (differentiable) path.
+
+    With `RowSlots` attached to the model, adapters not yet resident are loaded into free slots (or in place
+    of resident ones this batch does not use); without, temporary slots are written for this block. Everything an adapter carries applies per row: LoRA, DoRA,
+    trainable tokens and modules_to_save.
+
+    Raises:
+        KeyError: an unknown name. RuntimeError: merged adapters, or more adapters than slots.
+    """
+    for n in names:
+        if n is not None:
+            get_adapter(model, n)
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
+    distinct = list(dict.fromkeys(n for n in names if n is not None))
+    slots = attached_slots(model)
+    if slots is None:
+        slots = RowSlots(model, max(len(distinct), 1), attach=False)
+    if len(distinct) > slots.capacity:
+        raise RuntimeError(f"{len(distinct)} adapters in one batch, but the slots hold {slots.capacity}")
+    for n in distinct:
+        if slots.index_of(n) is None:
+            if None not in slots.names:  # full: replace a resident adapter this batch does not use
+                slots.evict(next(r for r in slots.names if r not in distinct))
+            slots.load(n)
+    with rowstate.using(slots.mapping(names)):
+        yield model
