@@ -96,7 +96,7 @@ def test_save_adapter_killed_at_random_moments(tmp_path):
             i += 1
 
     rng = random.Random(0)
-    deadline = time.monotonic() + 4.0
+    deadline = time.monotonic() + 2.5
     kills = 0
     while time.monotonic() < deadline or kills < 5:
         kill_after(save_forever, rng.uniform(0.0, 0.1))
