@@ -12,6 +12,11 @@ The loop, top to bottom (`Engine._loop`):
 
 Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the engine thread
 and must be quick (the HTTP layer hands them to its event loop).
+
+Isolation: whatever fails for one request (its parameters, its adapter's load, sampling, decoding its text, an
+exception raised by its callbacks) ends that request alone with finish_reason "error" and `error` set; its
+adapter is released at once and the other rows decode on, giving the tokens they would give alone. Only a
+failure of the batched forward itself fails every row in it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import lorakit
 
 from .kvcache import BatchCache, new_cache
 from .registry import AdapterRegistry
-from .sampling import TextStream, next_token
+from .sampling import TextStream, check_sampling, next_token
 
 
 @dataclass(eq=False)
@@ -72,6 +77,7 @@ class _Row:
     text: TextStream
     generator: torch.Generator | None
     last: int = 0
+    closed: bool = False  # finished: its adapter released, its callbacks called (exactly once)
 
 
 class Engine:
@@ -100,6 +106,7 @@ class Engine:
         self._cache = BatchCache(model.config)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stalled = False  # every waiting request waits for an adapter slot and nothing runs: sleep
         self.steps = 0  # batched decode forwards
         self.rows_stepped = 0  # sum of their batch sizes
         self.tokens = 0  # tokens sampled
@@ -135,13 +142,19 @@ class Engine:
             )
 
     def submit(self, req: Request) -> Request:
-        """Queue `req`; returns it. Raises ValueError (see `check`), KeyError for an unknown adapter."""
+        """Queue `req`; returns it. Raises ValueError (see `check`, `sampling.check_sampling`, token ids outside
+        the vocabulary), KeyError for an unknown adapter."""
+        check_sampling(req.temperature, req.top_p, req.seed, req.max_tokens)
         self.check(len(req.prompt_ids), req.max_tokens)
+        vocab = self.model.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
         if req.adapter is not None and (self.registry is None or not self.registry.is_known(req.adapter)):
             raise KeyError(f"no adapter named {req.adapter!r}")
         req.submitted = time.perf_counter()
         with self._cv:
             self._waiting.append(req)
+            self._stalled = False
             self._cv.notify_all()
         return req
 
@@ -149,6 +162,7 @@ class Engine:
         """Stop `req` at the next step (finish_reason "cancelled")."""
         req.cancelled = True
         with self._cv:
+            self._stalled = False
             self._cv.notify_all()
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -156,6 +170,7 @@ class Engine:
         future: Future = Future()
         with self._cv:
             self._calls.append((fn, future))
+            self._stalled = False
             self._cv.notify_all()
         return future
 
@@ -182,7 +197,9 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._calls or self._rows or self._waiting):
+                    while not (
+                        self._stopping or self._calls or self._rows or (self._waiting and not self._stalled)
+                    ):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -197,9 +214,9 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._step()
-                except Exception as err:  # a failed forward fails the requests in it, not the server
+                except Exception as err:  # a failed batched forward fails the requests in it, not the server
                     for row in self._rows:
-                        self._finish(row, "error", f"{type(err).__name__}: {err}")
+                        self._finish(row, "error", _describe(err))
                     self._rows, self._cache = [], BatchCache(self.model.config)
         for row in self._rows:
             self._finish(row, "cancelled")
@@ -218,12 +235,15 @@ class Engine:
                 if req.adapter is not None and not self.registry.acquire(req.adapter):
                     blocked.append(req)  # every adapter slot is held by running rows: wait for one to end
                     continue
-            except Exception as err:
-                self._done(req, "error", f"{type(err).__name__}: {err}")
+            except Exception as err:  # this request's adapter failed to load: this request fails
+                self._done(req, "error", _describe(err))
                 continue
             self._prefill(req)
         with self._cv:
             self._waiting.extendleft(reversed(blocked))
+            # Nothing runs and nothing could be admitted: sleep until a submit, a cancel or a call (releases
+            # happen only when rows finish, and no row runs), instead of retrying in a loop.
+            self._stalled = bool(blocked) and not self._rows
         # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA
         # path computes on views, one matmul pair per adapter.
         order = sorted(range(len(self._rows)), key=lambda i: (self._rows[i].req.adapter or "", i))
@@ -231,38 +251,46 @@ class Engine:
             self._rows = [self._rows[i] for i in order]
             self._cache.keep(order)
 
+    def _forward(self, adapters: list[str | None], **inputs):
+        """The model's forward with row i under adapter adapters[i] (None: the base): the engine's one use of
+        the per-row adapter API."""
+        with lorakit.per_row_adapters(self.model, adapters):
+            return self.model(**inputs, use_cache=True)
+
     def _prefill(self, req: Request) -> None:
-        gen = None
-        if req.seed is not None and req.temperature > 0:
-            gen = torch.Generator().manual_seed(req.seed)
-        row = _Row(req, TextStream(self.tokenizer, req.stop), gen)
+        row = _Row(req, TextStream(self.tokenizer, req.stop), None)
         try:
+            if req.seed is not None and req.temperature > 0:
+                row.generator = torch.Generator().manual_seed(req.seed)
             cache = new_cache(self.model.config)
             ids = torch.tensor([req.prompt_ids], device=self.device)
             kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
-            with lorakit.per_row_adapters(self.model, [req.adapter]):
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-        except Exception as err:
-            self._finish(row, "error", f"{type(err).__name__}: {err}")
-            return
-        req.first_token = time.perf_counter()
-        if self._advance(row, out.logits[0, -1]):
-            self._rows.append(row)
-            self._cache.add(cache, len(req.prompt_ids))
+            out = self._forward([req.adapter], input_ids=ids, past_key_values=cache, **kwargs)
+            req.first_token = time.perf_counter()
+            if self._advance(row, out.logits[0, -1]):
+                self._cache.add(cache, len(req.prompt_ids))
+                self._rows.append(row)
+        except Exception as err:  # this request alone fails; the batch never saw it
+            self._finish(row, "error", _describe(err))
 
     def _step(self) -> None:
         ids = torch.tensor([[row.last] for row in self._rows], device=self.device)
         mask, positions = self._cache.step_inputs(self.device)
-        with lorakit.per_row_adapters(self.model, [row.req.adapter for row in self._rows]):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=self._cache.cache, use_cache=True,
-            )  # fmt: skip
+        out = self._forward(
+            [row.req.adapter for row in self._rows],
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache.cache,
+        )  # fmt: skip
         self._cache.advance()
         self.steps += 1
         self.rows_stepped += len(self._rows)
         logits = out.logits[:, -1]
-        keep = [i for i, row in enumerate(self._rows) if self._advance(row, logits[i])]
+        keep = []
+        for i, row in enumerate(self._rows):
+            try:
+                if self._advance(row, logits[i]):
+                    keep.append(i)
+            except Exception as err:  # sampling, decoding or a callback failed for this row: it alone ends
+                self._finish(row, "error", _describe(err))
         if len(keep) < len(self._rows):
             self._rows = [self._rows[i] for i in keep]
             self._cache.keep(keep)
@@ -297,6 +325,9 @@ class Engine:
             row.req.on_delta(row.req, delta)
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if row.closed:
+            return
+        row.closed = True
         row.req.text = row.text.text
         if row.req.adapter is not None:
             self.registry.release(row.req.adapter)
@@ -305,9 +336,17 @@ class Engine:
     def _done(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason, req.error = reason, error
         req.finished = time.perf_counter()
-        if req.on_done is not None:
-            req.on_done(req)
-        req.done.set()
+        try:
+            if req.on_done is not None:
+                req.on_done(req)
+        except Exception as err:  # the caller's bug: record it, but the request is over either way
+            req.finish_reason, req.error = "error", f"on_done callback failed: {_describe(err)}"
+        finally:
+            req.done.set()
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def _as_list(x) -> list:
