@@ -80,15 +80,16 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _neutral_only(self):
+        # APIError (not ValueError) passes through pydantic unchanged, naming the parameter.
         for key, value in (self.model_extra or {}).items():
             if key in IGNORED:
                 continue
             if key not in NEUTRAL:
-                raise ValueError(f"unknown parameter {key!r}")
+                raise APIError(400, f"unknown parameter {key[:100]!r}", key[:100])
             if value is not None and value != NEUTRAL[key]:
-                raise ValueError(f"parameter {key!r} is not supported (only {NEUTRAL[key]!r})")
+                raise APIError(400, f"parameter {key!r} is not supported (only {NEUTRAL[key]!r})", key)
         if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop: at most 4 stop strings")
+            raise APIError(400, "stop: at most 4 stop strings", "stop")
         return self
 
     def stops(self) -> list[str]:
