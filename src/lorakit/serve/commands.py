@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled between two decode steps (longer prompts go in chunks)")  # fmt: skip
     p.add_argument("--max-len", type=int, metavar="N",
                    help="longest prompt + completion (default: the model's max_position_embeddings)")  # fmt: skip
     p.add_argument("--model-name", help="the base model's name in requests (default: from --model)")
@@ -85,7 +87,8 @@ def build(args: argparse.Namespace):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--adapter {name}={path}: no such directory")
         registry.add(name, path)
-    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len)
+    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
     app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                      max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     return app, engine
