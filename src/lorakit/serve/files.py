@@ -71,7 +71,9 @@ def _read_nofollow(path: Path) -> bytes:
         for i, part in enumerate(path.parts[1:]):
             last = i == len(path.parts) - 2
             try:
-                nxt = os.open(part, flags | (0 if last else getattr(os, "O_DIRECTORY", 0)), dir_fd=fd)
+                # O_NONBLOCK on the file: a FIFO planted in its place must not block the engine thread forever.
+                kind = getattr(os, "O_NONBLOCK", 0) if last else getattr(os, "O_DIRECTORY", 0)
+                nxt = os.open(part, flags | kind, dir_fd=fd)
             except OSError as err:  # ELOOP / ENOTDIR: swapped for a symlink (or a file) after it was resolved
                 raise AdapterAccessError(
                     f"{path}: changed while it was being opened ({err.strerror})"
