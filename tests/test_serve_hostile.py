@@ -46,7 +46,8 @@ def bad_cases() -> list[tuple[str, str, str, dict, int, str | None]]:
     for model in ("a1", "a2"):  # the same bad request to two adapters (with --max-adapters 2)
         cases.append(("parameter seed", "POST", "/v1/completions", {"json": {**ok, "model": model, "seed": 2**64}},
                       400, "seed"))  # fmt: skip
-    for prompt in ([-1], [10**30], [True], [], "\ud800", [[5, 6], []], ["x"] * 300, [1.5]):
+    # "x" * 900_000: fits the body limit, tokenized off the event loop, longer than the context.
+    for prompt in ([-1], [10**30], [True], [], "\ud800", [[5, 6], []], ["x"] * 300, [1.5], "x" * 900_000):
         cases.append(("prompt", "POST", "/v1/completions", {"json": {**ok, "prompt": prompt}}, 400, "prompt"))
     chat = {"model": "a2", "max_tokens": 4}
     for messages in (

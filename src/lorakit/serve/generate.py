@@ -27,17 +27,25 @@ def add_generation_routes(app: FastAPI, srv: Server) -> None:
     async def completions(request: Request):
         body = parse(CompletionBody, await srv.body(request))
         adapter = srv.adapter_for(body.model)
-        prompts = [p if isinstance(p, list) else tokenize(srv, p) for p in body.prompts()]
+        prompts = [
+            p if isinstance(p, list) else await off_loop(srv, tokenize, srv, p) for p in body.prompts()
+        ]
         return await generate(srv, body, adapter, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = parse(ChatBody, await srv.body(request))
         adapter = srv.adapter_for(body.model)
-        ids = chat_ids(srv, body)
+        ids = await off_loop(srv, chat_ids, srv, body)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         return await generate(srv, body, adapter, [ids], chat=True)
+
+
+async def off_loop(srv: Server, fn, *args):
+    """`fn(*args)` on the server's tokenizer thread: a huge prompt then holds up only other tokenizations, not
+    the event loop (every stream, every other route). One thread: a fast tokenizer is not safe to share."""
+    return await asyncio.get_running_loop().run_in_executor(srv.tokenizer_thread, fn, *args)
 
 
 def tokenize(srv: Server, text: str) -> list[int]:

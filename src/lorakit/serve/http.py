@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -33,6 +34,9 @@ class Server:
     max_body_bytes: int = 8 << 20
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, "lorakit-tokenize")
+    )
 
     def authorize(self, request: Request) -> None:
         """Raises APIError(401) unless the request carries the API key (when the server has one)."""
