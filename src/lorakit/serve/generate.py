@@ -48,7 +48,17 @@ async def off_loop(srv: Server, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(srv.tokenizer_thread, fn, *args)
 
 
+def fits(srv: Server, chars: int, param: str) -> None:
+    """Raises APIError(400) for text that cannot fit the context whatever it says: every token stands for at
+    most `srv.token_chars` characters, so it has at least chars / token_chars tokens (checked before the
+    tokenizer spends seconds on megabytes of it)."""
+    if chars > srv.engine.max_len * srv.token_chars:
+        raise APIError(400, f"{param}: {chars} characters cannot fit this model's context of {srv.engine.max_len} "
+                       f"tokens (a token is at most {srv.token_chars} characters)", param, "context_length_exceeded")  # fmt: skip
+
+
 def tokenize(srv: Server, text: str) -> list[int]:
+    fits(srv, len(text), "prompt")
     try:
         return list(srv.engine.tokenizer(text)["input_ids"])
     except Exception as err:  # e.g. a lone surrogate the tokenizer cannot encode
@@ -60,6 +70,7 @@ def chat_ids(srv: Server, body: ChatBody) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"the model {srv.base_name!r} has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    fits(srv, sum(len(m["content"]) for m in messages), "messages")
     try:
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True

@@ -37,6 +37,12 @@ class Server:
     tokenizer_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, "lorakit-tokenize")
     )
+    token_chars: int = 0  # the longest token's text, in characters (computed from the vocabulary)
+
+    def __post_init__(self) -> None:
+        if not self.token_chars:
+            vocab = self.engine.tokenizer.get_vocab()
+            self.token_chars = max((len(t) for t in vocab), default=1) or 1
 
     def authorize(self, request: Request) -> None:
         """Raises APIError(401) unless the request carries the API key (when the server has one)."""
