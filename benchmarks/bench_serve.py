@@ -2,10 +2,12 @@
 
     python benchmarks/bench_serve.py                    # SmolLM2-135M ("default"), 8 random r=16 adapters
     python benchmarks/bench_serve.py --model tiny       # a tiny random Llama (seconds; checks the plumbing)
+    python benchmarks/bench_serve.py --many 128         # also: 128 distinct adapters in the stream, 8 resident
 
 Starts `lorakit serve` as a subprocess on loopback, sends the same prompts in each scenario (each request
-generates exactly --max-tokens tokens: `ignore_eos`), and reports completion tokens/s over the wall time of
-the scenario, p50 / p99 request latency, and the ratios. Prints a table and writes JSON (--out).
+generates exactly --max-tokens tokens: `ignore_eos`; streamed, so the first token's arrival is seen), and
+reports completion tokens/s over the wall time of the scenario, p50 / p99 time to first token (TTFT) and
+request latency, and the ratios. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -96,11 +98,16 @@ def engine_scenario(engine, models, prompts, concurrency, max_tokens) -> dict:
     wall = time.perf_counter() - start
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    lat = torch.tensor([r.finished - r.submitted for r in reqs])
-    tokens = sum(r.completion_tokens for r in reqs)
-    return {"requests": len(reqs), "concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "p50_s": round(float(lat.quantile(0.5)), 3),
-            "p99_s": round(float(lat.quantile(0.99)), 3)}  # fmt: skip
+    lat = [r.finished - r.submitted for r in reqs]
+    ttft = [r.first_token - r.submitted for r in reqs]
+    return summary(len(reqs), concurrency, sum(r.completion_tokens for r in reqs), wall, lat, ttft)
+
+
+def summary(requests: int, concurrency: int, tokens: int, wall: float, lat: list, ttft: list) -> dict:
+    q = lambda xs, p: round(float(torch.tensor(xs).quantile(p)), 3)  # noqa: E731
+    return {"requests": requests, "concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "p50_s": q(lat, 0.5), "p99_s": q(lat, 0.99),
+            "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99)}  # fmt: skip
 
 
 async def scenario(
@@ -109,26 +116,34 @@ async def scenario(
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    latencies, tokens = [], 0
+    latencies, ttfts, tokens = [], [], 0
 
     async def one(client, model, prompt):
         nonlocal tokens
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         async with sem:
-            t = time.perf_counter()
-            r = await client.post(f"{url}/v1/completions", json={
-                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})  # fmt: skip
-            r.raise_for_status()
+            t, first = time.perf_counter(), None
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(event["error"]["message"])
+                    if first is None and any(c.get("text") for c in event["choices"]):
+                        first = time.perf_counter() - t
+                    if event.get("usage"):
+                        tokens += event["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - t)
-            tokens += r.json()["usage"]["completion_tokens"]
+            ttfts.append(first if first is not None else latencies[-1])
 
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one(client, m, p) for m, p in zip(models, prompts)))
         wall = time.perf_counter() - start
-    lat = torch.tensor(latencies)
-    return {"requests": len(prompts), "concurrency": concurrency, "tokens": tokens, "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "p50_s": round(float(lat.quantile(0.5)), 3),
-            "p99_s": round(float(lat.quantile(0.99)), 3)}  # fmt: skip
+    return summary(len(prompts), concurrency, tokens, wall, latencies, ttfts)
 
 
 def repeated(plans: dict, repeat: int, run) -> dict:
@@ -152,7 +167,8 @@ def run_server(args, model: str, dirs: list[Path], plans: dict) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port), "--max-adapters", "8",
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port),
+           "--max-adapters", str(args.max_adapters),
            "--max-batch", str(args.concurrency), "--threads", str(args.threads), "--log-level", "warning",
            "--max-tokens-cap", str(args.max_tokens), "--model-name", "base"]  # fmt: skip
     cmd += ["--device", args.device] if args.device else []
@@ -167,7 +183,7 @@ def run_server(args, model: str, dirs: list[Path], plans: dict) -> dict:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        names = [d.name for d in dirs]
+        names = [d.name for d in dirs[:8]]
         asyncio.run(scenario(url, names, ["warm up"] * 8, 8, 4))  # every adapter once
         return repeated(
             plans, args.repeat, lambda m, p, c: asyncio.run(scenario(url, m, p, c, args.max_tokens))
@@ -182,11 +198,11 @@ def run_in_process(args, model: str, dirs: list[Path], plans: dict) -> dict:
     from lorakit.serve import AdapterRegistry, Engine
 
     m, tok = load_model(model, device=args.device)
-    registry = AdapterRegistry(m, "base", max_loaded=8)
+    registry = AdapterRegistry(m, "base", max_loaded=args.max_adapters)
     for d in dirs:
         registry.add(d.name, d)
     with Engine(m, tok, registry, max_batch=args.concurrency) as engine:
-        engine_scenario(engine, [d.name for d in dirs], ["warm up"] * 8, 8, 4)
+        engine_scenario(engine, [d.name for d in dirs[:8]], ["warm up"] * 8, 8, 4)
         return repeated(
             plans, args.repeat, lambda ms, p, c: engine_scenario(engine, ms, p, c, args.max_tokens)
         )
@@ -207,19 +223,32 @@ def main() -> None:
     ap.add_argument("--out", default="bench_serve.json")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all scenarios; the median is reported")
     ap.add_argument("--engine-only", action="store_true", help="drive the engine in process, without HTTP")
+    ap.add_argument(
+        "--many",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a scenario whose requests name N distinct adapters (N >= 8), --max-adapters resident",
+    )
+    ap.add_argument(
+        "--max-adapters", type=int, default=8, help="adapters resident on the model (the server's flag)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    model, dirs = prepare(args.model, tmp, 8, args.rank)
+    model, dirs = prepare(args.model, tmp, max(8, args.many), args.rank)
     n, c = args.requests, args.concurrency
     prompts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 9)) for i in range(n)]
-    names = [d.name for d in dirs]
+    names = [d.name for d in dirs[:8]]
     plans = {
         "8 adapters mixed": ([names[i % 8] for i in range(n)], prompts, c),
         "1 adapter": (["a0"] * n, prompts, c),
         "base model": (["base"] * n, prompts, c),
         "one at a time (mixed)": ([names[i % 8] for i in range(args.sequential)], prompts[: args.sequential], 1),
     }  # fmt: skip
+    if args.many:
+        many = [dirs[i % args.many].name for i in range(max(n, args.many))]
+        plans[f"{args.many} adapters mixed"] = (many, [prompts[i % n] for i in range(len(many))], c)
     if args.engine_only:
         results = run_in_process(args, model, dirs, plans)
     else:
@@ -228,13 +257,14 @@ def main() -> None:
     how = "engine in process" if args.engine_only else "HTTP server"
     print(f"\nlorakit serve ({how}), model={args.model}, {args.max_tokens} tokens per request, rank {args.rank} all-linear, "
           f"{args.threads} threads, device={args.device or 'cpu'}")  # fmt: skip
-    print(
-        f"{'scenario':24} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'p50 s':>7} {'p99 s':>7}"
-    )
+    print(f"{'scenario':24} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'p50 s':>7} {'p99 s':>7}")  # fmt: skip
     for k, r in results.items():
         print(f"{k:24} {r['requests']:8d} {r['concurrency']:5d} {r['tokens_per_s']:9.1f} "
-              f"{r['tokens_per_s'] / ref:12.2f}x {r['p50_s']:7.3f} {r['p99_s']:7.3f}")  # fmt: skip
+              f"{r['tokens_per_s'] / ref:12.2f}x {r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} "
+              f"{r['p50_s']:7.3f} {r['p99_s']:7.3f}")  # fmt: skip
     out = {"model": args.model, "max_tokens": args.max_tokens, "rank": args.rank, "threads": args.threads,
+           "many": args.many, "max_adapters": args.max_adapters,
            "device": args.device or "cpu", "engine_only": args.engine_only, "results": results,
            "mixed_vs_single": round(results["8 adapters mixed"]["tokens_per_s"] / ref, 3),
            "mixed_vs_one_at_a_time": round(results["8 adapters mixed"]["tokens_per_s"]

@@ -59,3 +59,53 @@ class _null:
 
     def __exit__(self, *exc):
         return None
+
+
+def start_server(tmp_path, args: list[str], timeout: float = 90.0):
+    """`lorakit serve` on a free loopback port with `args`; returns (process, url, log file). The caller stops
+    it (`proc.terminate()`). Fails the test with the server's log if it does not come up."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{os.environ.get('LORAKIT_SRC', src)}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    log = open(tmp_path / "server.log", "w+")
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "serve",
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd + args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail(f"the server did not start:\n{log.read()[-3000:]}")
+        time.sleep(0.3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -239,3 +240,29 @@ def test_adapter_loads_between_steps_of_running_requests(setup):
     lorakit.load_adapter(ref, dirs["a1"], name="a1")
     assert long.output_ids == reference(ref, prompts[1], "a1", 100, eos=()) and len(long.output_ids) == 100
     assert "late" not in lorakit.adapter_records(eng.model)
+
+
+def test_batched_and_chunked_prefill_equal_one_at_a_time(setup):
+    """Prompts prefilled together (left-padded) and long ones in chunks of 5 give the one-at-a-time tokens, and
+    a running row keeps decoding while a long prompt is prefilled chunk by chunk."""
+    model_dir, dirs, tok, prompts, refs = setup
+    eng, _ = make_engine(setup, max_batch=8)
+    eng.prefill_chunk = 5
+    with eng:
+        reqs = eng.generate([Request(p, n, 24, temperature=0) for p, n in zip(prompts, NAMES)], timeout=120)
+        assert eng.prefill_rows > eng.prefills  # some prefills held several prompts
+        assert eng.prefills > len({tuple(p) for p in prompts if len(p) <= 5})  # long ones took several chunks
+        times: list[float] = []
+        running = Request(prompts[0], "a1", 60, temperature=0, ignore_eos=True,
+                          on_delta=lambda r, d: times.append(time.perf_counter()))  # fmt: skip
+        eng.submit(running)
+        while len(times) < 2:
+            time.sleep(0.01)
+        long_prompt = tok.encode("the quick brown fox jumps over the lazy dog " * 2)
+        late = eng.generate([Request(long_prompt, "a2", 8, temperature=0)], timeout=60)[0]
+        running.done.wait(60)
+    assert [r.output_ids for r in reqs] == refs
+    assert sum(late.submitted < t < late.first_token for t in times) >= 3  # decoded between its chunks
+    ref, _ = load_model(str(model_dir))
+    lorakit.load_adapter(ref, dirs["a2"], name="a2")
+    assert late.output_ids == reference(ref, long_prompt, "a2", 8)

@@ -5,6 +5,13 @@ The engine (`Engine`, `Request`) and the adapter registry are plain library code
 """
 
 from .engine import Engine, Request
-from .registry import AdapterAccessError, AdapterConflict, AdapterRegistry
+from .registry import AdapterAccessError, AdapterConflict, AdapterRegistry, AdapterUnsupported
 
-__all__ = ["AdapterAccessError", "AdapterConflict", "AdapterRegistry", "Engine", "Request"]
+__all__ = [
+    "AdapterAccessError",
+    "AdapterConflict",
+    "AdapterRegistry",
+    "AdapterUnsupported",
+    "Engine",
+    "Request",
+]

@@ -22,10 +22,18 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-adapters", type=int, default=8, metavar="N",
                    help="adapters kept loaded at once; least recently used ones are unloaded beyond it")  # fmt: skip
+    p.add_argument("--adapter-cache-mb", type=float, default=1024, metavar="MB",
+                   help="CPU cache of adapter files, so unloaded adapters reload without the disk (0: off)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=8, metavar="MB",
+                   help="largest request body accepted (413 beyond it)")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=float, default=10, metavar="S",
+                   help="on SIGTERM / Ctrl-C, seconds to let running requests finish before cancelling them")  # fmt: skip
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--max-tokens-cap", type=int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled between two decode steps (longer prompts go in chunks)")  # fmt: skip
     p.add_argument("--max-len", type=int, metavar="N",
                    help="longest prompt + completion (default: the model's max_position_embeddings)")  # fmt: skip
     p.add_argument("--model-name", help="the base model's name in requests (default: from --model)")
@@ -67,16 +75,22 @@ def build(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if args.max_adapters < 1:
         raise ValueError(f"--max-adapters {args.max_adapters}: expected at least 1")
+    for flag, value in (("--adapter-cache-mb", args.adapter_cache_mb), ("--max-body-mb", args.max_body_mb)):
+        if not value >= 0:  # NaN too
+            raise ValueError(f"{flag} {value}: expected a number >= 0")
     adapters = parse_adapters(args.adapter)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     base = args.model_name or base_name_of(args.model)
-    registry = AdapterRegistry(model, base, root=args.adapter_root, max_loaded=args.max_adapters)
+    registry = AdapterRegistry(model, base, root=args.adapter_root, max_loaded=args.max_adapters,
+                               cache_bytes=int(args.adapter_cache_mb * 2**20))  # fmt: skip
     for name, path in adapters.items():
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--adapter {name}={path}: no such directory")
         registry.add(name, path)
-    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len)
-    app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap)
+    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
+    app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+                     max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     return app, engine
 
 
@@ -87,5 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'", file=sys.stderr)
         return 1
     app, _ = build(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Bounded graceful shutdown: requests still running after it are cancelled (the engine stops with them).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
     return 0

@@ -3,15 +3,23 @@
 The loop, top to bottom (`Engine._loop`):
 1. run queued calls (`Engine.call`): adapter loads and deletes mutate the model, so they happen here, between
    forwards, and hold the batch back only for as long as they take;
-2. admit waiting requests while the batch has room: pin the request's adapter (loading it on demand), prefill
-   the prompt alone (batch 1, its own KV cache) and sample its first token;
-3. one forward for the whole batch, one new token per row, under `lorakit.per_row_adapters` (row i uses its own
+2. admit waiting requests while the batch has room: pin the request's adapter (loading it on demand);
+3. prefill, within a budget of `prefill_chunk` prompt tokens per loop: admitted prompts that fit together go
+   in one forward (left-padded, masked); a longer prompt goes alone, one chunk per loop, so running rows keep
+   decoding meanwhile (one token per loop) instead of waiting for the whole prompt. A prefilled row samples its
+   first token and joins the batch;
+4. one forward for the whole batch, one new token per row, under `lorakit.per_row_adapters` (row i uses its own
    adapter, None = base); the rows' caches are kept together by `BatchCache` (left padding, masks, per-row
    positions), so a row's greedy output does not depend on the other rows;
-4. sample each row (its own generator when seeded), release text, retire finished rows.
+5. sample each row (its own generator when seeded), release text, retire finished rows.
 
 Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the engine thread
 and must be quick (the HTTP layer hands them to its event loop).
+
+Isolation: whatever fails for one request (its parameters, its adapter's load, sampling, decoding its text, an
+exception raised by its callbacks) ends that request alone with finish_reason "error" and `error` set; its
+adapter is released at once and the other rows decode on, giving the tokens they would give alone. Only a
+failure of the batched forward itself fails every row in it.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 import lorakit
 
-from .kvcache import BatchCache, new_cache
+from .kvcache import BatchCache, new_cache, select_rows
 from .registry import AdapterRegistry
-from .sampling import TextStream, next_token
+from .sampling import TextStream, check_sampling, next_token
 
 
 @dataclass(eq=False)
@@ -72,6 +81,9 @@ class _Row:
     text: TextStream
     generator: torch.Generator | None
     last: int = 0
+    closed: bool = False  # finished: its adapter released, its callbacks called (exactly once)
+    cache: DynamicCache | None = None  # while its prompt is prefilled in chunks: the part done so far
+    prefilled: int = 0  # prompt tokens in `cache`
 
 
 class Engine:
@@ -82,12 +94,18 @@ class Engine:
         registry: the adapters requests may name (None: base model only).
         max_batch: most rows decoded together; more requests wait.
         max_len: longest prompt + completion, in tokens (default: the model's max_position_embeddings).
+        prefill_chunk: prompt tokens prefilled per loop (between two decode steps): prompts that fit together
+            share one forward, a longer one is prefilled in chunks of this size.
     """
 
     def __init__(self, model, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
-                 max_len: int | None = None) -> None:  # fmt: skip
+                 max_len: int | None = None, prefill_chunk: int = 256) -> None:  # fmt: skip
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: expected at least 1")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
@@ -97,12 +115,16 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
         self._rows: list[_Row] = []
+        self._prefilling: list[_Row] = []  # admitted (adapter pinned), prompt not fully prefilled yet
         self._cache = BatchCache(model.config)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stalled = False  # every waiting request waits for an adapter slot and nothing runs: sleep
         self.steps = 0  # batched decode forwards
         self.rows_stepped = 0  # sum of their batch sizes
         self.tokens = 0  # tokens sampled
+        self.prefills = 0  # prefill forwards
+        self.prefill_rows = 0  # sum of their batch sizes
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -135,13 +157,19 @@ class Engine:
             )
 
     def submit(self, req: Request) -> Request:
-        """Queue `req`; returns it. Raises ValueError (see `check`), KeyError for an unknown adapter."""
+        """Queue `req`; returns it. Raises ValueError (see `check`, `sampling.check_sampling`, token ids outside
+        the vocabulary), KeyError for an unknown adapter."""
+        check_sampling(req.temperature, req.top_p, req.seed, req.max_tokens)
         self.check(len(req.prompt_ids), req.max_tokens)
+        vocab = self.model.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
         if req.adapter is not None and (self.registry is None or not self.registry.is_known(req.adapter)):
             raise KeyError(f"no adapter named {req.adapter!r}")
         req.submitted = time.perf_counter()
         with self._cv:
             self._waiting.append(req)
+            self._stalled = False
             self._cv.notify_all()
         return req
 
@@ -149,6 +177,7 @@ class Engine:
         """Stop `req` at the next step (finish_reason "cancelled")."""
         req.cancelled = True
         with self._cv:
+            self._stalled = False
             self._cv.notify_all()
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -156,6 +185,7 @@ class Engine:
         future: Future = Future()
         with self._cv:
             self._calls.append((fn, future))
+            self._stalled = False
             self._cv.notify_all()
         return future
 
@@ -170,7 +200,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -182,7 +212,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._calls or self._rows or self._waiting):
+                    while not (self._stopping or self._calls or self._busy()):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -193,22 +223,27 @@ class Engine:
                             future.set_result(fn())
                         except BaseException as err:  # handed to the caller through the future
                             future.set_exception(err)
+                self._admit()
+                self._prefill_some()
+                self._regroup()
                 try:
-                    self._admit()
                     if self._rows:
                         self._step()
-                except Exception as err:  # a failed forward fails the requests in it, not the server
+                except Exception as err:  # a failed batched forward fails the requests in it, not the server
                     for row in self._rows:
-                        self._finish(row, "error", f"{type(err).__name__}: {err}")
+                        self._finish(row, "error", _describe(err))
                     self._rows, self._cache = [], BatchCache(self.model.config)
-        for row in self._rows:
+        for row in self._rows + self._prefilling:
             self._finish(row, "cancelled")
         for req in self._waiting:
             self._done(req, "cancelled")
 
+    def _busy(self) -> bool:
+        return bool(self._rows or self._prefilling or (self._waiting and not self._stalled))
+
     def _admit(self) -> None:
         blocked = []
-        while self._waiting and len(self._rows) < self.max_batch:
+        while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch:
             with self._cv:
                 req = self._waiting.popleft()
             if req.cancelled:
@@ -218,12 +253,24 @@ class Engine:
                 if req.adapter is not None and not self.registry.acquire(req.adapter):
                     blocked.append(req)  # every adapter slot is held by running rows: wait for one to end
                     continue
-            except Exception as err:
-                self._done(req, "error", f"{type(err).__name__}: {err}")
+            except Exception as err:  # this request's adapter failed to load: this request fails
+                self._done(req, "error", _describe(err))
                 continue
-            self._prefill(req)
+            row = _Row(req, TextStream(self.tokenizer, req.stop), None)
+            try:
+                if req.seed is not None and req.temperature > 0:
+                    row.generator = torch.Generator().manual_seed(req.seed)
+            except Exception as err:
+                self._finish(row, "error", _describe(err))
+                continue
+            self._prefilling.append(row)
         with self._cv:
             self._waiting.extendleft(reversed(blocked))
+            # Nothing runs and nothing could be admitted: sleep until a submit, a cancel or a call (releases
+            # happen only when rows finish, and no row runs), instead of retrying in a loop.
+            self._stalled = bool(blocked) and not self._rows and not self._prefilling
+
+    def _regroup(self) -> None:
         # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA
         # path computes on views, one matmul pair per adapter.
         order = sorted(range(len(self._rows)), key=lambda i: (self._rows[i].req.adapter or "", i))
@@ -231,38 +278,120 @@ class Engine:
             self._rows = [self._rows[i] for i in order]
             self._cache.keep(order)
 
-    def _prefill(self, req: Request) -> None:
-        gen = None
-        if req.seed is not None and req.temperature > 0:
-            gen = torch.Generator().manual_seed(req.seed)
-        row = _Row(req, TextStream(self.tokenizer, req.stop), gen)
+    def _forward(self, adapters: list[str | None], **inputs):
+        """The model's forward with row i under adapter adapters[i] (None: the base): the engine's one use of
+        the per-row adapter API."""
+        with lorakit.per_row_adapters(self.model, adapters):
+            return self.model(**inputs, use_cache=True)
+
+    def _prefill_some(self) -> None:
+        """One prefill forward of at most `prefill_chunk` prompt tokens (see the module docstring)."""
+        for row in [r for r in self._prefilling if r.req.cancelled]:
+            self._prefilling.remove(row)
+            self._finish(row, "cancelled")
+        if not self._prefilling:
+            return
+        first = self._prefilling[0]
+        if first.prefilled or len(first.req.prompt_ids) > self.prefill_chunk:
+            return self._prefill_chunk(first)
+        group, budget = [], self.prefill_chunk
+        for row in self._prefilling:  # in arrival order, while they fit
+            if row.prefilled or len(row.req.prompt_ids) > budget:
+                break
+            group.append(row)
+            budget -= len(row.req.prompt_ids)
+        self._prefill_group(group)
+
+    def _prefill_chunk(self, row: _Row) -> None:
+        """The next chunk of a long prompt, alone (batch 1, its own cache); the row joins after the last."""
+        req = row.req
+        try:
+            row.cache = row.cache or new_cache(self.model.config)
+            end = min(row.prefilled + self.prefill_chunk, len(req.prompt_ids))
+            ids = torch.tensor([req.prompt_ids[row.prefilled : end]], device=self.device)
+            out = self._forward(
+                [req.adapter], input_ids=ids, past_key_values=row.cache, **self._last_logits()
+            )
+            self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + 1
+            row.prefilled = end
+            if end == len(req.prompt_ids):
+                self._prefilling.remove(row)
+                cache, row.cache = row.cache, None
+                if self._first_token(row, out.logits[0, -1]):
+                    self._cache.add(cache, end)
+                    self._rows.append(row)
+        except Exception as err:  # this request alone fails; the batch never saw it
+            if row in self._prefilling:
+                self._prefilling.remove(row)
+            row.cache = None
+            self._finish(row, "error", _describe(err))
+
+    def _prefill_group(self, group: list[_Row]) -> None:
+        """Whole prompts in one forward (left-padded and masked); the rows join the batch."""
+        lengths = [len(r.req.prompt_ids) for r in group]
+        width = max(lengths)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, width - lengths[i] :] = torch.tensor(r.req.prompt_ids)
+            mask[i, width - lengths[i] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             cache = new_cache(self.model.config)
-            ids = torch.tensor([req.prompt_ids], device=self.device)
-            kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
-            with lorakit.per_row_adapters(self.model, [req.adapter]):
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+            inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            inputs = (
+                {k: v.to(self.device) for k, v in inputs.items()}
+                if len(group) > 1
+                else {"input_ids": ids.to(self.device)}
+            )
+            out = self._forward(
+                [r.req.adapter for r in group], **inputs, past_key_values=cache, **self._last_logits()
+            )
         except Exception as err:
-            self._finish(row, "error", f"{type(err).__name__}: {err}")
-            return
-        req.first_token = time.perf_counter()
-        if self._advance(row, out.logits[0, -1]):
-            self._rows.append(row)
-            self._cache.add(cache, len(req.prompt_ids))
+            if len(group) > 1:  # which prompt broke it? each alone: only that one fails
+                for r in group:
+                    self._prefill_group([r])
+                return
+            self._prefilling.remove(group[0])
+            return self._finish(group[0], "error", _describe(err))
+        self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + len(group)
+        keep = []
+        for i, r in enumerate(group):
+            self._prefilling.remove(r)
+            try:
+                if self._first_token(r, out.logits[i, -1]):
+                    keep.append(i)
+            except Exception as err:  # sampling, decoding or a callback failed for this row: it alone ends
+                self._finish(r, "error", _describe(err))
+        if keep:
+            self._cache.extend(select_rows(cache, keep), [lengths[i] for i in keep])
+            self._rows.extend(group[i] for i in keep)
+
+    def _first_token(self, row: _Row, logits: torch.Tensor) -> bool:
+        row.req.first_token = time.perf_counter()
+        return self._advance(row, logits)
+
+    def _last_logits(self) -> dict:
+        return {"logits_to_keep": 1} if self._keep_arg else {}
 
     def _step(self) -> None:
         ids = torch.tensor([[row.last] for row in self._rows], device=self.device)
         mask, positions = self._cache.step_inputs(self.device)
-        with lorakit.per_row_adapters(self.model, [row.req.adapter for row in self._rows]):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=self._cache.cache, use_cache=True,
-            )  # fmt: skip
+        out = self._forward(
+            [row.req.adapter for row in self._rows],
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache.cache,
+        )  # fmt: skip
         self._cache.advance()
         self.steps += 1
         self.rows_stepped += len(self._rows)
         logits = out.logits[:, -1]
-        keep = [i for i, row in enumerate(self._rows) if self._advance(row, logits[i])]
+        keep = []
+        for i, row in enumerate(self._rows):
+            try:
+                if self._advance(row, logits[i]):
+                    keep.append(i)
+            except Exception as err:  # sampling, decoding or a callback failed for this row: it alone ends
+                self._finish(row, "error", _describe(err))
         if len(keep) < len(self._rows):
             self._rows = [self._rows[i] for i in keep]
             self._cache.keep(keep)
@@ -297,6 +426,9 @@ class Engine:
             row.req.on_delta(row.req, delta)
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if row.closed:
+            return
+        row.closed = True
         row.req.text = row.text.text
         if row.req.adapter is not None:
             self.registry.release(row.req.adapter)
@@ -305,9 +437,17 @@ class Engine:
     def _done(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason, req.error = reason, error
         req.finished = time.perf_counter()
-        if req.on_done is not None:
-            req.on_done(req)
-        req.done.set()
+        try:
+            if req.on_done is not None:
+                req.on_done(req)
+        except Exception as err:  # the caller's bug: record it, but the request is over either way
+            req.finish_reason, req.error = "error", f"on_done callback failed: {_describe(err)}"
+        finally:
+            req.done.set()
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def _as_list(x) -> list:

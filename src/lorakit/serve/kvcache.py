@@ -1,8 +1,9 @@
 """The KV cache of a decode batch whose rows come and go (continuous batching).
 
-Each request is prefilled alone into its own `DynamicCache` (batch 1, so its prompt never sees padding). It then
-joins the running batch: its keys and values are left-padded with zeros to the batch's width (or the batch is
-left-padded to its length) and concatenated on the batch dimension. Every decode step appends one column for all
+Waiting requests are prefilled together into one `DynamicCache` (prompts left-padded, padding masked), or a long
+prompt alone, chunk by chunk. The prefilled rows then join the running batch: their keys and values are
+left-padded with zeros to the batch's width (or the batch is left-padded to theirs) and concatenated on the
+batch dimension. Every decode step appends one column for all
 rows, so the rows stay right-aligned; the attention mask hides each row's padding columns and `position_ids`
 give each row its own positions, so a row computes what it would compute alone. Finished rows are dropped and
 padding columns no row needs any more are trimmed from the left.
@@ -46,19 +47,27 @@ class BatchCache:
 
     def add(self, row: DynamicCache, length: int) -> None:
         """Append a prefilled batch-1 cache holding `length` tokens as the last row."""
+        self.extend(row, [length])
+
+    def extend(self, rows: DynamicCache, lengths: list[int]) -> None:
+        """Append the rows of a prefilled, left-padded cache: row i's real tokens are its last lengths[i]
+        columns (a batch-1 cache without padding is the case lengths == [its width])."""
+        trim = rows.layers[0].keys.shape[2] - max(lengths)  # leading columns that are padding in every row
+        width = max(lengths)
         if self.cache is None or not self.lengths:
-            self.cache, self.lengths, self.width = row, [length], length
+            for layer in rows.layers:
+                layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+            self.cache, self.lengths, self.width = rows, list(lengths), width
             return
-        grow = max(length - self.width, 0)
-        for mine, theirs in zip(self.cache.layers, row.layers):
-            mine.keys = torch.cat(
-                [_pad_left(mine.keys, grow), _pad_left(theirs.keys, self.width + grow - length)]
-            )
+        grow = max(width - self.width, 0)
+        for mine, theirs in zip(self.cache.layers, rows.layers):
+            pad = self.width + grow - width
+            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys[:, :, trim:], pad)])
             mine.values = torch.cat(
-                [_pad_left(mine.values, grow), _pad_left(theirs.values, self.width + grow - length)]
+                [_pad_left(mine.values, grow), _pad_left(theirs.values[:, :, trim:], pad)]
             )
         self.width += grow
-        self.lengths.append(length)
+        self.lengths.extend(lengths)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (indices into the current batch, in the new order) and trim shared padding."""
@@ -84,6 +93,14 @@ class BatchCache:
         """Record that the forward appended one column to every row."""
         self.width += 1
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def select_rows(cache: DynamicCache, rows: list[int]) -> DynamicCache:
+    """Keep only batch rows `rows` of `cache` (in that order), in place; returns it."""
+    index = torch.tensor(rows, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    return cache
 
 
 def _pad_left(t: Tensor, n: int) -> Tensor:

@@ -6,17 +6,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def check_sampling(temperature: float, top_p: float, seed: int | None, max_tokens: int) -> None:
+    """Raises ValueError naming the first parameter `next_token` (or the engine) cannot use as given."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise ValueError(f"temperature={temperature!r}: expected a finite number in [0, 2]")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX
+    ):
+        raise ValueError(f"seed={seed!r}: expected an integer in [-2**63, 2**64 - 1]")
+
 
 def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token id from `logits` (V,).
 
     temperature 0 is greedy (argmax). Otherwise softmax(logits / temperature), restricted to the smallest set of
     most likely tokens whose probability reaches `top_p`, sampled with `generator`: the request's own, so a seed
-    gives the same tokens whatever else is in the batch.
+    gives the same tokens whatever else is in the batch. Any temperature > 0 is exact, however small: the
+    logits are shifted so their maximum is 0 and divided in float64, so 1e-40 gives 0 and -inf, never
+    inf/inf (which would be NaN). Raises RuntimeError for NaN logits.
     """
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    z = logits.double()
+    probs = torch.softmax((z - z.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         # Keep a token when the mass before it is still below top_p (so the most likely one always stays).
