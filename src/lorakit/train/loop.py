@@ -187,7 +187,9 @@ def fit(
         f"accumulation x {ctx.world} process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, "
         f"warmup {session.warmup} steps"
     )
-    session.progress = Progress(session.total, session.start, cfg.log_every, stream if ctx.is_main else _Silent())
+    session.progress = Progress(
+        session.total, session.start, cfg.log_every, stream if ctx.is_main else _Silent()
+    )
     session.t0 = time.perf_counter()
     model.train()
     with _StopSignal() as stop, compiled(model, cfg.compile):
@@ -199,7 +201,11 @@ def fit(
     say(session.stats.line(session.packed))
     seconds = session.seconds_before + time.perf_counter() - session.t0
     return Fitted(
-        session.total, session.tokens, seconds, session.progress.tokens_per_second(), session.stats.to_dict(session.packed)
+        session.total,
+        session.tokens,
+        seconds,
+        session.progress.tokens_per_second(),
+        session.stats.to_dict(session.packed),
     )
 
 

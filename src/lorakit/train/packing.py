@@ -1,9 +1,10 @@
 """Padding-free packed micro-batches: rows concatenated into sequences, each row attending only to itself.
 
 A padded micro-batch of `batch_size` rows is as wide as its longest row, so on data with mixed row lengths most
-of its tokens can be padding. Packed, an optimizer step's rows are put into *bins* of at most `capacity` tokens
-(first-fit decreasing: little capacity is left unused), and up to `batch_size` bins make one micro-batch, so a
-micro-batch never holds more than batch_size x capacity tokens (the padded path's worst case). Inside a bin:
+of its tokens can be padding. Packed, an optimizer step's rows are put into *bins* of at most `capacity`
+(= max_len) tokens by first-fit decreasing, and up to `batch_size` bins make one micro-batch, so a micro-batch
+never holds more than batch_size x max_len tokens (the padded path's worst case); `plan` picks the bin width
+that computes the fewest tokens. Inside a bin:
 
 - `position_ids` restart at 0 for each row, and no `attention_mask` is passed: transformers (>= 4.5x) then
   builds a block-diagonal causal mask from the position ids (sdpa / eager / flex; flash attention uses its
@@ -56,11 +57,31 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def plan(lengths: list[int], capacity: int, per_batch: int) -> list[list[list[int]]]:
-    """Micro-batches of up to `per_batch` bins (see `pack_bins`), each bin a list of indices into `lengths`."""
+    """Micro-batches of up to `per_batch` bins, each bin a list of indices into `lengths`: the cheapest layout.
+
+    A micro-batch computes (its bins) x (its widest bin) tokens. Bins as wide as `capacity` pack tightest but
+    a micro-batch of several bins pads its less full ones, so this tries first-fit decreasing bins of widths
+    from the longest row up to `capacity` (and the rows one per bin, in order: what padding computes) and keeps
+    the layout that computes the fewest tokens (then: the fewest micro-batches). So packing never computes more
+    tokens than padding the same rows would.
+    """
     if per_batch < 1:
         raise ValueError(f"per_batch must be >= 1, got {per_batch}")
-    bins = pack_bins(lengths, capacity)
-    return [bins[i : i + per_batch] for i in range(0, len(bins), per_batch)]
+    if not lengths:
+        return []
+    longest = max(lengths)
+    widths = {min(max(capacity, longest), max(longest, round(longest * f))) for f in _WIDTHS} | {capacity}
+    layouts = [[[i] for i in range(len(lengths))]] + [pack_bins(lengths, w) for w in sorted(widths)]
+
+    def cost(bins: list[list[int]]) -> tuple[int, int]:
+        groups = [bins[i : i + per_batch] for i in range(0, len(bins), per_batch)]
+        return sum(len(g) * max(sum(lengths[i] for i in b) for b in g) for g in groups), len(groups)
+
+    best = min(layouts, key=cost)
+    return [best[i : i + per_batch] for i in range(0, len(best), per_batch)]
+
+
+_WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bin widths tried, as multiples of the longest row
 
 
 def collate_packed(bins: list[list], pad_id: int) -> dict[str, torch.Tensor]:
