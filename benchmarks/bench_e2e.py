@@ -97,10 +97,29 @@ def write_data(work: Path, args) -> dict:
     train, held = keep[: args.rows], keep[args.rows : args.rows + args.eval_rows]
     for name, part in (("train", train), ("eval", held)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r, _ in part))
-    lengths = sorted(len(ex.input_ids) for _, ex in train)
+    lengths = [len(ex.input_ids) for _, ex in train]
+    accounting = token_accounting(lengths, args)
+    lengths = sorted(lengths)
     q = lambda f: lengths[int(f * (len(lengths) - 1))]  # noqa: E731
     return {"rows": len(train), "eval_rows": len(held), "min": lengths[0], "p25": q(0.25), "median": q(0.5),
-            "p75": q(0.75), "max": lengths[-1], "mean": round(statistics.mean(lengths), 1)}  # fmt: skip
+            "p75": q(0.75), "max": lengths[-1], "mean": round(statistics.mean(lengths), 1),
+            "accounting": accounting}  # fmt: skip
+
+
+def token_accounting(lengths: list[int], args) -> dict:
+    """Tokens computed over one epoch of these rows in steps of --batch-size rows (in order): padded to each
+    batch's longest row vs lorakit's packed plan. Real / computed bounds what packing can win on compute."""
+    from lorakit.train import packing
+
+    real = sum(lengths)
+    padded = packing.padded_tokens(lengths, args.batch_size)
+    packed = 0
+    for i in range(0, len(lengths), args.batch_size):
+        part = lengths[i : i + args.batch_size]
+        for mb in packing.plan(part, args.max_len, args.batch_size):
+            packed += len(mb) * max(sum(part[j] for j in b) for b in mb)
+    return {"real": real, "padded": padded, "packed": packed, "padded_efficiency": round(real / padded, 3),
+            "packed_efficiency": round(real / packed, 3)}  # fmt: skip
 
 
 # -- one configuration, in its own process ------------------------------------------------------------------
@@ -252,6 +271,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="runs/bench_e2e", help="data and run outputs")
     p.add_argument("--json", default=str(HERE / "results" / "e2e_cpu2.json"))
+    p.add_argument("--accounting", action="store_true", help="only the data and its token accounting")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--mean-len", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()

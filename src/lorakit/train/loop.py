@@ -10,7 +10,9 @@ multi-process run sees exactly the rows a single uninterrupted run sees, and the
 
 The loss of an optimizer step is the sum of token losses over all its rows divided by the number of loss
 tokens in all its rows (counted up front from the labels), so accumulating micro-batches, or splitting them
-over processes, gives the same gradient as one big batch.
+over processes, gives the same gradient as one big batch. For the same reason packing (`packing.py`: a step's
+rows packed into fewer, fuller micro-batches) gives the padded path's gradient: it regroups a step's rows,
+never moves a row to another step.
 """
 
 from __future__ import annotations
