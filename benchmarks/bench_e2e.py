@@ -15,7 +15,8 @@ libraries then compute the same lr at every step), AdamW (betas 0.9/0.999, no we
 loss on the completion tokens only, each in its own process (so peak memory is its own), one after another:
 
 - lorakit: `lorakit.train` with its defaults (packing on: the model keeps packed rows apart), exactly the
-  `fit` that `lorakit train` runs between its before / after evaluations; `lorakit_padded`: --no-packing.
+  `fit` that `lorakit train` runs between its before / after evaluations; `lorakit_padded`: --no-packing;
+  `lorakit_compile`: --compile (its step time includes the compilations, one per new shape at first).
 - trl: SFTTrainer + PEFT LoraConfig, TRL's default padding (each batch padded to its longest row).
 - trl_padding_free: padding_free=True (the batch's rows flattened into one sequence with position ids).
 - trl_packing: packing=True (TRL's default 'bfd' strategy: rows packed into sequences of --max-len tokens,
@@ -45,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-CONFIGS = ("lorakit", "lorakit_padded", "trl", "trl_padding_free", "trl_packing")
+CONFIGS = ("lorakit", "lorakit_padded", "lorakit_compile", "trl", "trl_padding_free", "trl_packing")
 R, ALPHA = 16, 32
 
 
@@ -159,6 +160,7 @@ def run_lorakit(name: str, work: Path, args) -> dict:
         model="default", data=str(work / "train.jsonl"), output=str(out), steps=args.steps, lr=args.lr,
         warmup=0.0, batch_size=args.batch_size, max_len=args.max_len, rank=R, alpha=ALPHA, dropout=0.0,
         targets="all-linear", log_every=1, seed=0, packing=False if name == "lorakit_padded" else None,
+        compile=name == "lorakit_compile",
     )  # fmt: skip
     prepared = prepare(cfg)
     model, tok = prepared.model, prepared.tokenizer

@@ -183,7 +183,10 @@ def fit(
     session.start_or_resume()
     session.packed = packing.choose(model, cfg.packing, say)
     if session.packed:
-        say(f"packing: each step's rows in sequences of up to {cfg.max_len} tokens, attention kept per row")
+        say(
+            f"packing: each step's rows in sequences, at most {cfg.batch_size * cfg.max_len} tokens a "
+            "micro-batch (batch size x max len), attention kept per row"
+        )
     say(
         f"training {session.total} steps of {session.global_batch} rows ({cfg.batch_size} x {cfg.grad_accum} "
         f"accumulation x {ctx.world} process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, "
@@ -255,6 +258,9 @@ class _Run:
         self.row_tokens = [len(ex.input_ids) for ex in examples]
         self.start, self.tokens, self.seconds_before, self.last_saved = 0, 0, 0.0, 0
         self.packed, self.stats = False, packing.Stats()
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        # packing.plan's attention weight; below ~512 wide, per-op overhead, not attention, dominates a step.
+        self.attention = 1.0 / (6 * max(512, hidden)) if isinstance(hidden, int) else 0.0
         self.log: MetricsLog | None = None
         self.progress: Progress | None = None
         self.t0 = time.perf_counter()
@@ -293,7 +299,8 @@ class _Run:
         if self.packed:
             # A row longer than max_len (fit called directly) gets a bin of its own.
             capacity = max([cfg.max_len, *lengths])
-            groups = [[[mine[j] for j in b] for b in mb] for mb in packing.plan(lengths, capacity, bs)]
+            layout = packing.plan(lengths, capacity, bs, self.attention)
+            groups = [[[mine[j] for j in b] for b in mb] for mb in layout]
         else:
             groups = [[[i] for i in mine[m : m + bs]] for m in range(0, len(mine), bs)]
         for bins in groups:

@@ -1,10 +1,10 @@
 """Padding-free packed micro-batches: rows concatenated into sequences, each row attending only to itself.
 
 A padded micro-batch of `batch_size` rows is as wide as its longest row, so on data with mixed row lengths most
-of its tokens can be padding. Packed, an optimizer step's rows are put into *bins* of at most `capacity`
-(= max_len) tokens by first-fit decreasing, and up to `batch_size` bins make one micro-batch, so a micro-batch
-never holds more than batch_size x max_len tokens (the padded path's worst case); `plan` picks the bin width
-that computes the fewest tokens. Inside a bin:
+of its tokens can be padding. Packed, an optimizer step's rows are put into *bins* (sequences) by first-fit
+decreasing, and bins make micro-batches of at most batch_size x max_len tokens (the padded path's worst case,
+so memory stays bounded as before); `plan` picks the bin width (from the longest row up to that budget) whose
+layout costs least, counting tokens and, per token, the attention over its sequence. Inside a bin:
 
 - `position_ids` restart at 0 for each row, and no `attention_mask` is passed: transformers (>= 4.5x) then
   builds a block-diagonal causal mask from the position ids (sdpa / eager / flex; flash attention uses its
@@ -56,32 +56,43 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def plan(lengths: list[int], capacity: int, per_batch: int) -> list[list[list[int]]]:
-    """Micro-batches of up to `per_batch` bins, each bin a list of indices into `lengths`: the cheapest layout.
+def plan(lengths: list[int], capacity: int, per_batch: int, attention: float = 0.0) -> list[list[list[int]]]:
+    """Micro-batches of bins (lists of indices into `lengths`) within a budget of per_batch x capacity tokens.
 
-    A micro-batch computes (its bins) x (its widest bin) tokens. Bins as wide as `capacity` pack tightest but
-    a micro-batch of several bins pads its less full ones, so this tries first-fit decreasing bins of widths
-    from the longest row up to `capacity` (and the rows one per bin, in order: what padding computes) and keeps
-    the layout that computes the fewest tokens (then: the fewest micro-batches). So packing never computes more
-    tokens than padding the same rows would.
+    A micro-batch of k bins computes k x (its widest bin) tokens, never more than the budget (what a padded
+    micro-batch of `per_batch` rows of `capacity` tokens holds at most). Wide bins pack tightly but make
+    attention dearer (a masked sequence of width w costs ~w per token in attention) and leave the less full
+    bins of a micro-batch padded; so this tries first-fit decreasing bins of widths from the longest row up to
+    the budget, each with as many bins per micro-batch as the budget allows, and the rows one per bin in order
+    (what padding computes), and keeps the cheapest: sum over micro-batches of k x w x (1 + attention x w),
+    then the fewest micro-batches. With attention=0 it computes the fewest tokens, never more than padding.
+
+    Args:
+        attention: the attention cost of one token per token of sequence width, relative to the rest of the
+            model's per-token cost (~ 1 / (6 x hidden size) for a transformer block); 0 counts tokens only.
     """
-    if per_batch < 1:
-        raise ValueError(f"per_batch must be >= 1, got {per_batch}")
+    if per_batch < 1 or capacity < 1:
+        raise ValueError(f"per_batch and capacity must be >= 1, got {per_batch}, {capacity}")
     if not lengths:
         return []
-    longest = max(lengths)
-    widths = {min(max(capacity, longest), max(longest, round(longest * f))) for f in _WIDTHS} | {capacity}
-    layouts = [[[i] for i in range(len(lengths))]] + [pack_bins(lengths, w) for w in sorted(widths)]
+    longest, budget = max(lengths), per_batch * max(capacity, max(lengths))
+    widths = {min(budget, max(longest, round(longest * f))) for f in _WIDTHS} | {min(budget, capacity)}
+    layouts = [([[i] for i in range(len(lengths))], per_batch)]
+    layouts += [(pack_bins(lengths, w), max(1, budget // w)) for w in sorted(widths)]
 
-    def cost(bins: list[list[int]]) -> tuple[int, int]:
-        groups = [bins[i : i + per_batch] for i in range(0, len(bins), per_batch)]
-        return sum(len(g) * max(sum(lengths[i] for i in b) for b in g) for g in groups), len(groups)
+    def groups(layout):
+        bins, k = layout
+        return [bins[i : i + k] for i in range(0, len(bins), k)]
 
-    best = min(layouts, key=cost)
-    return [best[i : i + per_batch] for i in range(0, len(best), per_batch)]
+    def cost(layout) -> tuple[float, int]:
+        parts = groups(layout)
+        widest = [max(sum(lengths[i] for i in b) for b in g) for g in parts]
+        return sum(len(g) * w * (1.0 + attention * w) for g, w in zip(parts, widest)), len(parts)
+
+    return groups(min(layouts, key=cost))
 
 
-_WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # bin widths tried, as multiples of the longest row
+_WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # bin widths tried, x the longest row
 
 
 def collate_packed(bins: list[list], pad_id: int) -> dict[str, torch.Tensor]:
