@@ -289,6 +289,8 @@ def main() -> int:
     print(
         f"data: ShareGPT V3, {stats['rows']} training rows (tokens: {stats}), {stats['eval_rows']} held out"
     )
+    if args.accounting:
+        return 0
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}  # fmt: skip
     load = {"start": os.getloadavg()}
