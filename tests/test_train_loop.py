@@ -102,7 +102,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "causal_lm_loss", poisoned)
     model = model_with_adapter()
-    cfg = config(tmp_path, steps=10, save_every=2)
+    cfg = config(tmp_path, steps=10, save_every=2, packing=False)  # padded: 2 micro-batches a step
     with pytest.raises(NonFiniteLoss, match=r"step 6: the loss is nan.*checkpoint.*step-000004.*4 steps"):
         fit(model, examples(), cfg, pad_id=0)
     ckpt = checkpoint.load(checkpoint.latest(tmp_path))

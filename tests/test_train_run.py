@@ -19,6 +19,7 @@ from lorakit.train.evaluate import evaluate
 
 RESULT_KEYS = {
     "before", "after", "trainable_params", "total_params", "steps", "train_seconds", "tokens_per_second", "config",
+    "packing",
 }  # fmt: skip
 
 

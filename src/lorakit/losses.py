@@ -35,7 +35,12 @@ _LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "o
 
 
 def causal_lm_loss(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, chunk: int = 0
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    chunk: int = 0,
+    position_ids: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Sum of next-token cross-entropies and the number of tokens it sums over.
 
@@ -44,6 +49,8 @@ def causal_lm_loss(
         input_ids: (batch, seq) token ids. attention_mask: (batch, seq) or None. labels: (batch, seq), the
             targets *unshifted* (position t predicts labels[t + 1]); -100 where no loss is taken.
         chunk: 0 for the plain loss; > 0 to compute the cross-entropy `chunk` tokens at a time.
+        position_ids: (batch, seq) or None; with attention_mask=None, rows packed into one sequence (positions
+            restarting at 0 per row, see `lorakit.train.packing`).
     Returns:
         (loss_sum, n_tokens): a 0-dim fp32 tensor (differentiable) and a Python int. The mean loss is
         loss_sum / n_tokens; summing both over micro-batches gives the exact mean over an accumulated batch.
@@ -58,17 +65,20 @@ def causal_lm_loss(
         )
     targets = labels[:, 1:].reshape(-1)
     n_tokens = int((targets != IGNORE).sum())
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:  # only when given: not every model's forward takes position_ids
+        inputs["position_ids"] = position_ids
     reason = _why_not_chunked(model) if chunk > 0 else "chunk=0"
     if reason != "":
         if chunk > 0:
             warnings.warn(
                 f"causal_lm_loss: chunk={chunk} not possible ({reason}); using the plain loss", stacklevel=2
             )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
         return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"), n_tokens
 
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    hidden = model.base_model(**inputs, use_cache=False)[0]
     keep = targets != IGNORE
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # only rows that carry a loss
     y = targets[keep]

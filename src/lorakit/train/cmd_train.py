@@ -59,6 +59,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--gradient-checkpointing", action="store_true", default=None, help="recompute activations"
     )
     g.add_argument("--loss-chunk", type=int, help="cross-entropy this many tokens at a time (0: all)")
+    g.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=None,
+        help="pack rows into sequences of up to --max-len tokens, attention kept per row (default: on when "
+        "the model keeps packed rows apart; --no-packing: pad every micro-batch)",
+    )  # fmt: skip
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (training)")
     g.add_argument("--seed", type=int, help="seed of the adapter init, data order and dropout")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")

@@ -35,6 +35,9 @@ class TrainConfig:
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
         loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        packing: pack each step's rows into sequences of up to max_len tokens, attention confined to each row
+            (True: required, an error if the model cannot keep packed rows apart; None: when it can; False: pad).
+        compile: torch.compile the model's transformer body for training.
     """
 
     model: str = "default"
@@ -67,6 +70,8 @@ class TrainConfig:
     skip_bad_rows: bool = False
     loss_chunk: int = 0
     dtype: str | None = None
+    packing: bool | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +97,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "loss_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
+        if self.packing not in (None, True, False):
+            raise bad("packing", "true, false or unset (pack when the model keeps packed rows apart)")
+        if self.compile not in (True, False):
+            raise bad("compile", "true or false")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("--steps and --epochs are exclusive: give one of them")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):

@@ -1,7 +1,8 @@
 """The training loop of `lorakit train`, meant to be read top to bottom.
 
     run(cfg)   prepare the model and data, evaluate, fit, evaluate again, write the adapter and the records
-    fit(...)   the optimizer loop: AdamW, warmup + cosine, gradient accumulation, clipping, checkpoints
+    fit(...)   the optimizer loop: AdamW, warmup + cosine, gradient accumulation, clipping, checkpoints;
+               each step: `_Run.train_step` -> `micro_batches` (padded or packed) -> `micro_batch_loss`
 
 The data order is a pure function of (seed, step): each epoch is a seeded permutation of the rows, and step s
 takes rows [s·G, (s+1)·G) of the concatenated epochs, G = batch_size · grad_accum · processes. So a resumed or
@@ -9,7 +10,9 @@ multi-process run sees exactly the rows a single uninterrupted run sees, and the
 
 The loss of an optimizer step is the sum of token losses over all its rows divided by the number of loss
 tokens in all its rows (counted up front from the labels), so accumulating micro-batches, or splitting them
-over processes, gives the same gradient as one big batch.
+over processes, gives the same gradient as one big batch. For the same reason packing (`packing.py`: a step's
+rows packed into fewer, fuller micro-batches) gives the padded path's gradient: it regroups a step's rows,
+never moves a row to another step.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from ..atomic import write_text
 from ..data import collate
 from ..losses import causal_lm_loss
-from . import checkpoint, distributed
+from . import checkpoint, distributed, packing
+from .compile import compiled
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
@@ -51,7 +55,8 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
 
     Returns:
         results.json's dict: {"before", "after" (evaluate() metrics or None), "trainable_params",
-        "total_params", "steps", "train_seconds", "tokens_per_second", "config"}.
+        "total_params", "steps", "train_seconds", "tokens_per_second", "packing" (token counts of the
+        micro-batches, packed or padded: `packing.Stats.to_dict`), "config"}.
     Raises:
         ValueError / FileNotFoundError: bad options, model or data (naming them).
         NonFiniteLoss: the loss diverged (the last checkpoint is kept).
@@ -138,6 +143,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
             "steps": fitted.steps,
             "train_seconds": round(fitted.seconds, 3),
             "tokens_per_second": round(fitted.tokens_per_second, 1),
+            "packing": fitted.packing,
             "config": cfg.to_dict(),
         }
         _write_json(output / "results.json", results)
@@ -154,6 +160,7 @@ class Fitted:
     tokens: int
     seconds: float  # training time over all sessions of the run (resumes included)
     tokens_per_second: float  # measured in this session
+    packing: dict | None = None  # packing.Stats.to_dict of this session's micro-batches
 
 
 def fit(
@@ -172,150 +179,245 @@ def fit(
     current step with a checkpoint (then KeyboardInterrupt is raised).
 
     Raises:
-        ValueError: no trainable parameters, no examples, or a checkpoint that does not fit the options.
+        ValueError: no trainable parameters, no examples, a checkpoint that does not fit the options, or
+            packing=True for a model that cannot keep packed rows apart.
         NonFiniteLoss: a NaN / inf loss or gradient norm; nothing of that step is applied or saved.
     """
     ctx = ctx or distributed.Context()
     stream = stream or sys.stderr
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
-    output = Path(cfg.output)
-    device = next(p.device for p in model.parameters())
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    plist = list(params.values())
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
         raise ValueError("no training examples")
-
-    # The run's shape: rows per optimizer step, steps, warmup.
-    n = len(examples)
-    bs, accum = cfg.batch_size, cfg.grad_accum
-    global_batch = bs * accum * ctx.world
-    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n / global_batch))
-    warmup = round(cfg.warmup * total)
-    loss_tokens = [_loss_tokens(ex) for ex in examples]
-    row_tokens = [len(ex.input_ids) for ex in examples]
-    optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-
-    # Start fresh, or from the newest checkpoint with --resume.
-    start, tokens_before, seconds_before = 0, 0, 0.0
-    found = checkpoint.latest(output)
-    if cfg.resume and found is not None:
-        ckpt = checkpoint.load(found)
-        checkpoint.check_config(ckpt, cfg.to_dict(), global_batch)
-        checkpoint.restore(ckpt, params, optimizer, ctx.rank)
-        start, tokens_before, seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
-        say(f"resuming from {found} (step {start}/{total})")
-    elif found is not None:
-        raise ValueError(
-            f"{output} holds a checkpoint of an unfinished run ({found.name}): pass --resume to continue it, "
-            "or choose another --output"
+    optimizer = make_optimizer(list(params.values()), cfg)
+    session = _Run(model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say)
+    session.start_or_resume()
+    session.packed = packing.choose(model, cfg.packing, say)
+    if session.packed:
+        say(
+            f"packing: each step's rows in sequences, at most {cfg.batch_size * cfg.max_len} tokens a "
+            "micro-batch (batch size x max len), attention kept per row"
         )
-    else:
-        if cfg.resume:
-            say(f"--resume: no checkpoint in {output}; starting from step 0")
-        if ctx.is_main:
-            checkpoint.discard_results(output)  # this output now holds an unfinished run
-        distributed.broadcast_params(ctx, plist)
-        if ctx.world > 1:
-            torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
-    log = MetricsLog(output / "metrics.jsonl", resume_step=start if start else None) if ctx.is_main else None
     say(
-        f"training {total} steps of {global_batch} rows ({bs} x {accum} accumulation x {ctx.world} "
-        f"process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, warmup {warmup} steps"
+        f"training {session.total} steps of {session.global_batch} rows ({cfg.batch_size} x {cfg.grad_accum} "
+        f"accumulation x {ctx.world} process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, "
+        f"warmup {session.warmup} steps"
+    )
+    session.progress = Progress(
+        session.total, session.start, cfg.log_every, stream if ctx.is_main else _Silent()
+    )
+    session.t0 = time.perf_counter()
+    model.train()
+    with _StopSignal() as stop, compiled(model, cfg.compile):
+        for step in range(session.start, session.total):
+            loss, norm, lr, step_tokens = session.train_step(step)
+            session.after_step(step + 1, loss, norm, lr, step_tokens, stop.requested)
+    if cfg.save_every and session.last_saved < session.total:
+        # The trained state, so that a kill during the final evaluation and saves resumes without retraining.
+        session.save_checkpoint(session.total)
+    session.progress.close()
+    model.eval()
+    say(session.stats.line(session.packed))
+    seconds = session.seconds_before + time.perf_counter() - session.t0
+    return Fitted(
+        session.total,
+        session.tokens,
+        seconds,
+        session.progress.tokens_per_second(),
+        session.stats.to_dict(session.packed),
     )
 
-    def save_checkpoint(done: int) -> Path:
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of a run: AdamW on the trainable parameters (the lr is set per step by `set_lr`)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
+    """The schedule: set and return the lr of optimizer step `step` (0-based), cfg.lr x `lr_factor`."""
+    lr = cfg.lr * lr_factor(step, total, warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig):
+    """Summed token loss of one micro-batch and its loss-token count: `causal_lm_loss` of the batch.
+
+    `batch` is `collate`'s padded dict (input_ids, attention_mask, labels) or `packing.collate_packed`'s
+    (input_ids, labels, position_ids), on the model's device. The loop divides by the loss tokens of the whole
+    optimizer step, so summing over micro-batches (and processes) gives one big batch's mean.
+    """
+    return causal_lm_loss(
+        model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], cfg.loss_chunk,
+        position_ids=batch.get("position_ids"),
+    )  # fmt: skip
+
+
+class _Run:
+    """The state of one `fit`: its shape, the optimizer, the step counters, and the step's pieces."""
+
+    def __init__(self, model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say):
+        self.model, self.examples, self.cfg, self.ctx = model, examples, cfg, ctx
+        self.params, self.plist, self.optimizer = params, list(params.values()), optimizer
+        self.pad_id, self.eval_examples, self.stream, self.say = pad_id, eval_examples, stream, say
+        self.output = Path(cfg.output)
+        self.device = next(p.device for p in model.parameters())
+        # The run's shape: rows per optimizer step, steps, warmup.
+        n = len(examples)
+        self.global_batch = cfg.batch_size * cfg.grad_accum * ctx.world
+        self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n / self.global_batch))
+        self.warmup = round(cfg.warmup * self.total)
+        self.loss_tokens = [_loss_tokens(ex) for ex in examples]
+        self.row_tokens = [len(ex.input_ids) for ex in examples]
+        self.start, self.tokens, self.seconds_before, self.last_saved = 0, 0, 0.0, 0
+        self.packed, self.stats = False, packing.Stats()
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        # packing.plan's attention weight; below ~512 wide, per-op overhead, not attention, dominates a step.
+        self.attention = 1.0 / (6 * max(512, hidden)) if isinstance(hidden, int) else 0.0
+        self.log: MetricsLog | None = None
+        self.progress: Progress | None = None
+        self.t0 = time.perf_counter()
+
+    def start_or_resume(self) -> None:
+        """Start fresh, or from the newest checkpoint with --resume; open metrics.jsonl."""
+        cfg, ctx, output = self.cfg, self.ctx, self.output
+        found = checkpoint.latest(output)
+        if cfg.resume and found is not None:
+            ckpt = checkpoint.load(found)
+            checkpoint.check_config(ckpt, cfg.to_dict(), self.global_batch)
+            checkpoint.restore(ckpt, self.params, self.optimizer, ctx.rank)
+            self.start, self.tokens, self.seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
+            self.say(f"resuming from {found} (step {self.start}/{self.total})")
+        elif found is not None:
+            raise ValueError(
+                f"{output} holds a checkpoint of an unfinished run ({found.name}): pass --resume to continue "
+                "it, or choose another --output"
+            )
+        else:
+            if cfg.resume:
+                self.say(f"--resume: no checkpoint in {output}; starting from step 0")
+            if ctx.is_main:
+                checkpoint.discard_results(output)  # this output now holds an unfinished run
+            distributed.broadcast_params(ctx, self.plist)
+            if ctx.world > 1:
+                torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
+        self.last_saved = self.start
+        if ctx.is_main:
+            self.log = MetricsLog(output / "metrics.jsonl", resume_step=self.start or None)
+
+    def micro_batches(self, mine: list[int]):
+        """This process's rows of a step as micro-batches on the device: `batch_size` rows padded, or packed
+        bins (`packing.plan`) when packing. Counts the tokens computed into self.stats."""
+        cfg, bs = self.cfg, self.cfg.batch_size
+        lengths = [self.row_tokens[i] for i in mine]
+        stats = packing.Stats(real=sum(lengths), rows=len(mine), padded=packing.padded_tokens(lengths, bs))
+        if self.packed:
+            # A row longer than max_len (fit called directly) gets a bin of its own.
+            capacity = max([cfg.max_len, *lengths])
+            layout = packing.plan(lengths, capacity, bs, self.attention)
+            groups = [[[mine[j] for j in b] for b in mb] for mb in layout]
+        else:
+            groups = [[[i] for i in mine[m : m + bs]] for m in range(0, len(mine), bs)]
+        for bins in groups:
+            rows = [[self.examples[i] for i in b] for b in bins]
+            if self.packed:
+                batch = packing.collate_packed(rows, self.pad_id)
+            else:
+                batch = collate(sum(rows, []), self.pad_id)
+            stats.computed += batch["input_ids"].numel()
+            stats.sequences += len(bins)
+            stats.micro_batches += 1
+            yield {k: v.to(self.device) for k, v in batch.items()}
+        self.stats.add(stats)
+
+    def train_step(self, step: int) -> tuple[float, float, float, int]:
+        """Forward + backward of optimizer step `step` over its micro-batches, then clip and update.
+
+        Returns (loss, grad norm, lr, tokens of the step's rows). Raises NonFiniteLoss before the update.
+        """
+        ctx, bs, accum = self.ctx, self.cfg.batch_size, self.cfg.grad_accum
+        rows = step_rows(step, len(self.examples), self.global_batch, self.cfg.seed)
+        n_loss = max(1, sum(self.loss_tokens[i] for i in rows))
+        mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
+        lr = set_lr(self.optimizer, self.cfg, step, self.total, self.warmup)
+        # Gradients add up in .grad over the micro-batches (and over processes in sum_grads).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in self.micro_batches(mine):
+            s, _ = micro_batch_loss(self.model, batch, self.cfg)
+            (s / n_loss).backward()
+            loss_sum += s.detach().double()
+        distributed.sum_grads(ctx, self.plist)
+        loss = distributed.sum_scalar(ctx, float(loss_sum), self.device) / n_loss
+        # Stop before a bad update reaches the weights; clip; step.
+        norm = float(torch.nn.utils.clip_grad_norm_(self.plist, self.cfg.max_grad_norm or math.inf))
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.close()
+            raise self.non_finite(step, loss, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm, lr, sum(self.row_tokens[i] for i in rows)
+
+    def non_finite(self, step: int, loss: float, norm: float) -> NonFiniteLoss:
+        kept = checkpoint.latest(self.output)
+        return NonFiniteLoss(
+            f"step {step + 1}: the loss is {loss} (gradient norm {norm}); training stopped before applying it. "
+            + (
+                f"The last good checkpoint is {kept} ({self.last_saved} steps): lower --lr or fix the data and "
+                "rerun with --resume"
+                if kept
+                else "No checkpoint was saved (use --save-every N); lower --lr or fix the data"
+            )
+        )
+
+    def after_step(
+        self, done: int, loss: float, norm: float, lr: float, step_tokens: int, stop: bool
+    ) -> None:
+        """Report, evaluate, checkpoint; on a stop request, checkpoint and raise KeyboardInterrupt."""
+        cfg, ctx = self.cfg, self.ctx
+        self.tokens += step_tokens
+        self.progress.update(done, loss, lr, step_tokens)
+        if self.log is not None:
+            self.log.write(
+                {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
+                 "tokens": self.tokens, "tokens_per_second": round(self.progress.tokens_per_second(), 1),
+                 "elapsed": round(self.elapsed(), 3)}
+            )  # fmt: skip
+        if cfg.eval_every and self.eval_examples and (done % cfg.eval_every == 0 or done == self.total):
+            if ctx.is_main:
+                ev = eval_loss(self.model, self.eval_examples, cfg.batch_size, self.pad_id, cfg.loss_chunk)
+                self.log.write({"step": done, **ev})
+                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
+            self.save_checkpoint(done)
+        if distributed.any_flag(ctx, stop, self.device):
+            if self.last_saved != done:
+                self.save_checkpoint(done)
+            self.progress.close()
+            self.say(
+                f"stopped after step {done}/{self.total}: checkpoint saved in {checkpoint.root(self.output)}; "
+                "continue with the same command and --resume"
+            )
+            raise KeyboardInterrupt
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
+
+    def save_checkpoint(self, done: int) -> Path:
+        ctx = self.ctx
         rngs = distributed.gather(ctx, checkpoint.rng_state())
         path = None
         if ctx.is_main:
             path = checkpoint.save(
-                output, step=done, tokens=tokens, elapsed=seconds_before + time.perf_counter() - t0,
-                config=cfg.to_dict(), params=params, optimizer=optimizer, rngs=rngs, global_batch=global_batch,
+                self.output, step=done, tokens=self.tokens, elapsed=self.elapsed(), config=self.cfg.to_dict(),
+                params=self.params, optimizer=self.optimizer, rngs=rngs, global_batch=self.global_batch,
             )  # fmt: skip
         distributed.barrier(ctx)
-        return path or checkpoint.root(output)
-
-    progress = Progress(total, start, cfg.log_every, stream if ctx.is_main else _Silent())
-    tokens, t0, last_saved = tokens_before, time.perf_counter(), start
-    model.train()
-    with _StopSignal() as stop:
-        for step in range(start, total):
-            # The rows of this optimizer step, this process's share, and the step's learning rate.
-            rows = step_rows(step, n, global_batch, cfg.seed)
-            n_loss = max(1, sum(loss_tokens[i] for i in rows))
-            mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
-            lr = cfg.lr * lr_factor(step, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # Forward + backward over the micro-batches; gradients add up in .grad.
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for m in range(accum):
-                micro = [examples[i] for i in mine[m * bs : (m + 1) * bs]]
-                batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-                s, _ = causal_lm_loss(
-                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.loss_chunk
-                )
-                (s / n_loss).backward()
-                loss_sum += s.detach().double()
-            distributed.sum_grads(ctx, plist)
-            loss = distributed.sum_scalar(ctx, float(loss_sum), device) / n_loss
-
-            # Stop before a bad update reaches the weights; clip; step.
-            norm = torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm or math.inf)
-            if not (math.isfinite(loss) and math.isfinite(float(norm))):
-                optimizer.zero_grad(set_to_none=True)
-                progress.close()
-                kept = checkpoint.latest(output)
-                raise NonFiniteLoss(
-                    f"step {step + 1}: the loss is {loss} (gradient norm {float(norm)}); training stopped "
-                    "before applying it. "
-                    + (
-                        f"The last good checkpoint is {kept} ({last_saved} steps): lower --lr or fix the "
-                        "data and rerun with --resume"
-                        if kept
-                        else "No checkpoint was saved (use --save-every N); lower --lr or fix the data"
-                    )
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            step_tokens = sum(row_tokens[i] for i in rows)
-            tokens += step_tokens
-
-            # Report, evaluate, checkpoint.
-            progress.update(done, loss, lr, step_tokens)
-            if log is not None:
-                log.write(
-                    {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
-                     "tokens": tokens, "tokens_per_second": round(progress.tokens_per_second(), 1),
-                     "elapsed": round(seconds_before + time.perf_counter() - t0, 3)}
-                )  # fmt: skip
-            if cfg.eval_every and eval_examples and (done % cfg.eval_every == 0 or done == total):
-                if ctx.is_main:
-                    ev = eval_loss(model, eval_examples, bs, pad_id, cfg.loss_chunk)
-                    log.write({"step": done, **ev})
-                    progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
-            if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                save_checkpoint(done)
-                last_saved = done
-            if distributed.any_flag(ctx, stop.requested, device):
-                if last_saved != done:
-                    save_checkpoint(done)
-                progress.close()
-                say(
-                    f"stopped after step {done}/{total}: checkpoint saved in {checkpoint.root(output)}; "
-                    "continue with the same command and --resume"
-                )
-                raise KeyboardInterrupt
-    if cfg.save_every and last_saved < total:
-        # The trained state, so that a kill during the final evaluation and saves resumes without retraining.
-        save_checkpoint(total)
-    progress.close()
-    model.eval()
-    seconds = seconds_before + time.perf_counter() - t0
-    return Fitted(total, tokens, seconds, progress.tokens_per_second())
+        self.last_saved = done
+        return path or checkpoint.root(self.output)
 
 
 # -- the pieces the loop uses --------------------------------------------------------------------------------
