@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("sft", "cpt")
+MODES = ("sft", "cpt", "dpo", "orpo", "kto")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 QUANTIZE = ("none", "4bit", "8bit")
 
 
@@ -35,6 +36,9 @@ class TrainConfig:
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
         loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        beta: dpo / orpo / kto: the preference strength β. loss_type: dpo: "sigmoid", "ipo" or "hinge".
+        precompute_ref: dpo / kto: the reference log-probs computed once before training (adapter disabled).
+        desirable_weight / undesirable_weight: kto: the weights of desirable / undesirable rows' losses.
     """
 
     model: str = "default"
@@ -67,6 +71,11 @@ class TrainConfig:
     skip_bad_rows: bool = False
     loss_chunk: int = 0
     dtype: str | None = None
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    precompute_ref: bool = False
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +116,11 @@ class TrainConfig:
             raise bad("max_grad_norm", "a number >= 0 (0: no clipping)")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", "a number >= 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", f"one of {LOSS_TYPES}")
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "a positive number")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

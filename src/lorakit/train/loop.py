@@ -35,6 +35,8 @@ from ..losses import causal_lm_loss
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .metrics import MetricsLog, Progress, plot_loss
+from .preference.objective import MODES as PREFERENCE_MODES
+from .preference.objective import objective_for
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,6 +73,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from .evaluate import evaluate
     from .prepare import prepare, save_prepared
 
+    if cfg.mode in PREFERENCE_MODES:  # dpo / orpo / kto: their own data and metrics, this file's fit
+        from .preference.run import run_preference
+
+        return run_preference(cfg, ctx, stream)
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
     _seed(cfg.seed)
@@ -180,8 +186,11 @@ def fit(
     global_batch = bs * accum * ctx.world
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n / global_batch))
     warmup = round(cfg.warmup * total)
-    loss_tokens = [_loss_tokens(ex) for ex in examples]
-    row_tokens = [len(ex.input_ids) for ex in examples]
+    # The micro-batch loss: token-level (sft, cpt) or a preference objective (dpo, orpo, kto; its units are
+    # pairs or rows, so the step's loss is the mean over them).
+    objective = objective_for(cfg)
+    loss_tokens = [objective.units(ex) if objective else _loss_tokens(ex) for ex in examples]
+    row_tokens = [objective.tokens(ex) if objective else len(ex.input_ids) for ex in examples]
     optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     # Start fresh, or from the newest checkpoint with --resume.
@@ -236,16 +245,22 @@ def fit(
 
             # Forward + backward over the micro-batches; gradients add up in .grad.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            extra: dict[str, float] = {}  # the objective's metric sums (reward accuracy, margin, ...)
             for m in range(accum):
                 micro = [examples[i] for i in mine[m * bs : (m + 1) * bs]]
-                batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-                s, _ = causal_lm_loss(
-                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.loss_chunk
-                )
+                if objective is not None:
+                    s, _, sums = objective.micro_loss(model, micro, pad_id)
+                    extra = {k: extra.get(k, 0.0) + v for k, v in sums.items()}
+                else:
+                    batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+                    s, _ = causal_lm_loss(
+                        model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.loss_chunk
+                    )
                 (s / n_loss).backward()
                 loss_sum += s.detach().double()
             distributed.sum_grads(ctx, plist)
             loss = distributed.sum_scalar(ctx, float(loss_sum), device) / n_loss
+            extra = {k: round(distributed.sum_scalar(ctx, v, device) / n_loss, 6) for k, v in extra.items()}
 
             # Stop before a bad update reaches the weights; clip; step.
             norm = torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm or math.inf)
@@ -270,16 +285,20 @@ def fit(
             tokens += step_tokens
 
             # Report, evaluate, checkpoint.
-            progress.update(done, loss, lr, step_tokens)
+            progress.update(done, loss, lr, step_tokens, extra)
             if log is not None:
                 log.write(
                     {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
                      "tokens": tokens, "tokens_per_second": round(progress.tokens_per_second(), 1),
-                     "elapsed": round(seconds_before + time.perf_counter() - t0, 3)}
+                     "elapsed": round(seconds_before + time.perf_counter() - t0, 3), **extra}
                 )  # fmt: skip
             if cfg.eval_every and eval_examples and (done % cfg.eval_every == 0 or done == total):
                 if ctx.is_main:
-                    ev = eval_loss(model, eval_examples, bs, pad_id, cfg.loss_chunk)
+                    ev = (
+                        objective.evaluate(model, eval_examples, bs, pad_id)
+                        if objective
+                        else eval_loss(model, eval_examples, bs, pad_id, cfg.loss_chunk)
+                    )
                     log.write({"step": done, **ev})
                     progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
