@@ -119,7 +119,9 @@ def test_dpo_matches_trl(loss_type, tmp_path):
     _assert_same_grads(ours, tr.model, mapping)
     trl_acc = tr._metrics["train"]["rewards/accuracies"][-1]
     assert metrics["reward_accuracy"] / n == pytest.approx(trl_acc)
-    assert metrics["reward_margin"] / n == pytest.approx(tr._metrics["train"]["rewards/margins"][-1], abs=1e-5)
+    assert metrics["reward_margin"] / n == pytest.approx(
+        tr._metrics["train"]["rewards/margins"][-1], abs=1e-5
+    )
 
 
 KTO_SEED = 7
@@ -127,7 +129,9 @@ KTO_SEED = 7
 
 def test_kto_matches_trl(tmp_path):
     # KTO_SEED: adapter weights under which the mismatched pairs' mean log-ratio is > 0 (not clamped away)
-    tr, batch = _trainer("kto", KTO_ROWS, tmp_path, seed=KTO_SEED, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7)
+    tr, batch = _trainer(
+        "kto", KTO_ROWS, tmp_path, seed=KTO_SEED, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7
+    )
     expected = tr.compute_loss(tr.model, batch)
     expected.backward()
 
@@ -154,7 +158,12 @@ def test_orpo_matches_trl(tmp_path):
     ds = load_preference(_write(tmp_path / "pairs.jsonl", PAIRS), tiny_tokenizer(), "orpo", max_len=64)
     trainer = ORPOTrainer.__new__(ORPOTrainer)  # only its forward and loss are used: no dataset processing
     trainer.args = ORPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, beta=0.25)
-    trainer.beta, trainer.is_encoder_decoder, trainer.padding_value, trainer.aux_loss_enabled = 0.25, False, 0, False
+    trainer.beta, trainer.is_encoder_decoder, trainer.padding_value, trainer.aux_loss_enabled = (
+        0.25,
+        False,
+        0,
+        False,
+    )
     from accelerate import Accelerator
 
     trainer.accelerator = Accelerator(cpu=True)
@@ -165,7 +174,11 @@ def test_orpo_matches_trl(tmp_path):
     batch = {
         f"{side}_{key}": b[name][rows]
         for side, rows in (("chosen", slice(0, k)), ("rejected", slice(k, 2 * k)))
-        for key, name in (("input_ids", "input_ids"), ("attention_mask", "attention_mask"), ("labels", "labels"))
+        for key, name in (
+            ("input_ids", "input_ids"),
+            ("attention_mask", "attention_mask"),
+            ("labels", "labels"),
+        )
     }
     chosen_lp, rejected_lp, chosen_logits, _, _ = trainer.concatenated_forward(theirs, batch)
     losses, *_ = trainer.odds_ratio_loss(chosen_lp, rejected_lp)

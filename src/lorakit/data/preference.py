@@ -142,7 +142,9 @@ def _encode(row: dict, key: str, tokenizer, max_len: int, where: str) -> Example
     if "messages" in row or isinstance(row.get("prompt"), list):  # a list "prompt": TRL's conversational rows
         messages = row["messages"] if "messages" in row else row["prompt"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' is {_show(messages)}; expected the conversation so far")
+            raise DataError(
+                f"{where}: field 'messages' is {_show(messages)}; expected the conversation so far"
+            )
         sft = {"messages": messages + [{"role": "assistant", "content": answer}]}
         fmt = "messages"
     elif isinstance(row.get("prompt"), str):

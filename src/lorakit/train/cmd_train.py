@@ -32,7 +32,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-data", help="held-out rows, evaluated before and after training")
     g.add_argument("--output", help="directory for the adapter, checkpoints and records")
     g.add_argument(
-        "--mode", choices=MODES, help="sft: chat / prompt-completion rows; cpt: raw text; dpo / orpo / kto: preferences"
+        "--mode",
+        choices=MODES,
+        help="sft: chat / prompt-completion rows; cpt: raw text; dpo / orpo / kto: preferences",
     )
     g.add_argument("--max-len", type=int, help="tokens per row (sft) or packed block (cpt)")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows")
@@ -66,7 +68,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, help="preference strength beta (default 0.1)")
     g.add_argument("--loss-type", choices=LOSS_TYPES, help="dpo: sigmoid (DPO), ipo or hinge")
     g.add_argument(
-        "--precompute-ref", action="store_true", default=None, help="reference log-probs once, before training"
+        "--precompute-ref",
+        action="store_true",
+        default=None,
+        help="reference log-probs once, before training",
     )
     g.add_argument("--desirable-weight", type=float, help="kto: weight of desirable rows")
     g.add_argument("--undesirable-weight", type=float, help="kto: weight of undesirable rows")
@@ -102,7 +107,14 @@ def main(args: argparse.Namespace) -> int:
     before, after = results["before"], results["after"]
     if before and after:
         print(f"held-out ({after['n']} rows)      before    after")
-        for key in ("loss", "perplexity", "reward_accuracy", "preference_accuracy", "reward_margin", "exact_match"):
+        for key in (
+            "loss",
+            "perplexity",
+            "reward_accuracy",
+            "preference_accuracy",
+            "reward_margin",
+            "exact_match",
+        ):
             if before.get(key) is not None and after.get(key) is not None:
                 print(f"  {key:<20} {before[key]:>9.4f} {after[key]:>8.4f}")
     print(

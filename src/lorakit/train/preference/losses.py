@@ -49,7 +49,9 @@ def dpo_loss(
         losses = torch.relu(1 - beta * (r_c - r_r))
     elif loss_type == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("the ipo loss averages log-ratios per token: pass chosen_tokens and rejected_tokens")
+            raise ValueError(
+                "the ipo loss averages log-ratios per token: pass chosen_tokens and rejected_tokens"
+            )
         delta = r_c / chosen_tokens.clamp(min=1) - r_r / rejected_tokens.clamp(min=1)
         losses = (delta - 1 / (2 * beta)) ** 2
     else:

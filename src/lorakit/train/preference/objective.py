@@ -42,10 +42,14 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][
+            keep
+        ]
     token_logps = torch.log_softmax(logits.float(), -1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(
+        0, rows, token_logps
+    )
     return sums, keep.sum(1).float()
 
 
@@ -168,12 +172,16 @@ def precompute_reference(model, examples: list, batch_size: int, pad_id: int) ->
             chunk = examples[i : i + batch_size]
             if hasattr(chunk[0], "chosen"):
                 b = collate_pairs(chunk, pad_id)
-                ref = reference_logps(model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+                ref = reference_logps(
+                    model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                )
                 for ex, c, r in zip(chunk, *ref.chunk(2)):
                     ex.ref_chosen, ex.ref_rejected = float(c), float(r)
             else:
                 b = collate_kto(chunk, pad_id)
-                ref = reference_logps(model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+                ref = reference_logps(
+                    model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                )
                 for ex, r in zip(chunk, ref):
                     ex.ref = float(r)
     finally:

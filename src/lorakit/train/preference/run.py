@@ -48,7 +48,11 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     if not is_quantized(model):
         model.to(ctx.device)
     load = functools.partial(
-        load_preference, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows
+        load_preference,
+        tokenizer=tokenizer,
+        mode=cfg.mode,
+        max_len=cfg.max_len,
+        skip_bad_rows=cfg.skip_bad_rows,
     )
     train = load(cfg.data)
     held_out = load(cfg.eval_data) if cfg.eval_data else None
@@ -105,7 +109,10 @@ def evaluate_preference(model, examples: list, *, cfg: TrainConfig, tokenizer, p
     from ..evaluate import generate_answers
 
     objective = objective_for(cfg)
-    metrics = {k.removeprefix("eval_"): v for k, v in objective.evaluate(model, examples, cfg.batch_size, pad_id).items()}
+    metrics = {
+        k.removeprefix("eval_"): v
+        for k, v in objective.evaluate(model, examples, cfg.batch_size, pad_id).items()
+    }
     was_training = model.training
     model.eval()
     try:
@@ -118,13 +125,27 @@ def evaluate_preference(model, examples: list, *, cfg: TrainConfig, tokenizer, p
             from lorakit.data.preference import collate_pairs
 
             for i in range(0, len(examples), cfg.batch_size):
-                b = {k: v.to(device) for k, v in collate_pairs(examples[i : i + cfg.batch_size], pad_id).items()}
-                chosen, rejected = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])[0].chunk(2)
+                b = {
+                    k: v.to(device)
+                    for k, v in collate_pairs(examples[i : i + cfg.batch_size], pad_id).items()
+                }
+                chosen, rejected = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])[
+                    0
+                ].chunk(2)
                 wins += int((chosen > rejected).sum())
             metrics["preference_accuracy"] = wins / max(1, len(examples))
         refs = [ex.answer for ex in targets]
-        budget = max((len(ex.chosen.input_ids if hasattr(ex, "chosen") else ex.example.input_ids) - len(ex.prompt_ids) for ex in targets), default=0)
-        outs = generate_answers(model, tokenizer, [ex.prompt_ids for ex in targets], budget + 8, cfg.batch_size)
+        budget = max(
+            (
+                len(ex.chosen.input_ids if hasattr(ex, "chosen") else ex.example.input_ids)
+                - len(ex.prompt_ids)
+                for ex in targets
+            ),
+            default=0,
+        )
+        outs = generate_answers(
+            model, tokenizer, [ex.prompt_ids for ex in targets], budget + 8, cfg.batch_size
+        )
         hits = [o.strip() == r.strip() for o, r in zip(outs, refs)]
         metrics["exact_match"] = sum(hits) / len(hits) if hits else None
         metrics["n"] = len(examples)
