@@ -193,3 +193,64 @@ def test_orpo_matches_trl(tmp_path):
     (s / n).backward()
     torch.testing.assert_close(s / n, expected.detach(), atol=1e-5, rtol=1e-5)
     _assert_same_grads(ours, theirs, mapping)
+
+
+def test_group_advantages():
+    from lorakit.train.preference.losses import group_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 5.0, 3.0])
+    got = group_advantages(r, 4)
+    want = torch.cat([(g - g.mean()) / (g.std() + 1e-4) for g in (r[:4], r[4:])])
+    torch.testing.assert_close(got, want)
+    assert torch.equal(
+        group_advantages(torch.ones(4), 4), torch.zeros(4)
+    )  # a group all alike teaches nothing
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_grpo_objective_matches_trl(beta, tmp_path):
+    """GRPOTrainer._compute_loss (loss_type "grpo") on a fixed batch of completions: the same loss and
+    gradients, with ratios inside and outside the clip range and the optional KL term to the reference."""
+    from lorakit.train.preference.losses import grpo_loss
+    from lorakit.train.preference.objective import token_logps
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4, report_to=[],
+        use_cpu=True, bf16=False, beta=beta, epsilon=0.2, max_completion_length=8, logging_steps=1, loss_type="grpo",
+    )  # fmt: skip
+    tr = trl.GRPOTrainer(
+        model=tiny_llama(), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+        train_dataset=datasets.Dataset.from_list([{"prompt": "hi"}] * 4), processing_class=tiny_tokenizer(),
+        peft_config=_peft_config(),
+    )  # fmt: skip
+    _randomize_peft(tr.model)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(6, 100, (1, 5), generator=g).expand(4, 5)
+    completion = torch.randint(6, 100, (4, 6), generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 2 + [0] * 4])
+    advantages = torch.tensor([1.2, -0.4, 0.7, -1.5])
+
+    ours, mapping = _lorakit_twin(tr.model)
+    ids = torch.cat([prompt, completion], 1)
+    labels = torch.cat([torch.full_like(prompt, -100), completion.masked_fill(mask == 0, -100)], 1)
+    attention = torch.cat([torch.ones_like(prompt), mask], 1)
+    logps = token_logps(ours, ids, attention, labels)[:, prompt.shape[1] - 1 :]
+    # The sampling policy's log-probs: off by up to ±0.4 nats, so some ratios leave [0.8, 1.2] (clipped).
+    old = (logps.detach() + (torch.rand(logps.shape, generator=g) - 0.5) * 0.8) * mask
+    ref = (logps.detach() + (torch.rand(logps.shape, generator=g) - 0.5) * 0.5) * mask
+    ratio = torch.exp(logps.detach() - old)[mask.bool()]
+    assert ((ratio < 0.8) | (ratio > 1.2)).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+
+    inputs = {
+        "prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+        "completion_mask": mask, "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }  # fmt: skip
+    expected = tr._compute_loss(tr.model, inputs)
+    expected.backward()
+    mine = grpo_loss(logps, old, advantages, mask, epsilon=0.2, beta=beta, ref_logps=ref).mean()
+    mine.backward()
+    torch.testing.assert_close(mine, expected.detach(), atol=1e-5, rtol=1e-5)
+    _assert_same_grads(ours, tr.model, mapping)

@@ -115,3 +115,54 @@ def kto_loss(
     good = desirable_weight * (1 - torch.sigmoid(beta * (r - kl)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - r)))
     return torch.where(desirable, good, bad), beta * r.detach()
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True) -> Tensor:
+    """GRPO's advantages: each reward minus its group's mean, over the group's std + 1e-4 when `scale`.
+
+    rewards: (G·K,) with the K = `group_size` completions of one prompt adjacent. The std is the unbiased
+    one (torch.std), as TRL's `scale_rewards="group"`.
+    """
+    grouped = rewards.view(-1, group_size)
+    adv = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(1, keepdim=True) + 1e-4)
+    return adv.reshape(-1)
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    kl_correction: bool = True,
+) -> Tensor:
+    """GRPO's clipped objective (TRL's loss_type "grpo"), per completion.
+
+    Per completion token t, with ratio ρ_t = exp(log π(t) - log π_old(t)) and the completion's advantage A:
+        ℓ_t = -min(ρ_t · A, clip(ρ_t, 1 - ε, 1 + ε) · A) + β · ρ_t · (exp(q_t) - q_t - 1),
+        q_t = log π_ref(t) - log π(t)
+    (the second term, the k3 estimate of KL(π || π_ref), only when β > 0; the factor ρ_t, TRL's default
+    `use_bias_correction_kl`, makes its gradient the unbiased reverse-KL gradient for samples from π_old; off
+    with `kl_correction=False`), and the completion's loss is the mean of ℓ_t over its tokens.
+
+    Args:
+        logps, old_logps, ref_logps: (B, T) per-token log-probs of the completion tokens (old: the policy that
+            sampled them, detached; ref: the adapter disabled). advantages: (B,). mask: (B, T) 1 on real tokens.
+    Returns:
+        (B,) per-completion losses; the batch loss is their mean.
+    """
+    ratio = torch.exp(logps - old_logps)
+    a = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps (the reference's per-token log-probs)")
+        q = ref_logps - logps
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + beta * (kl * ratio if kl_correction else kl)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)

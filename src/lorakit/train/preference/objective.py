@@ -30,11 +30,21 @@ IGNORE = -100
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Summed next-token log-probs of the labelled tokens of each row, and their count.
 
-    The output head runs on the labelled positions only (never all B·T·V logits) unless the model changes its
-    logits after the head, then the full logits are used. labels are unshifted (position t predicts t + 1).
+    labels are unshifted (position t predicts t + 1), -100 where no loss is taken; see `token_logps`.
 
     Returns:
         (logps (B,) float32, differentiable; n_tokens (B,) float32).
+    """
+    return token_logps(model, input_ids, attention_mask, labels).sum(1), (labels[:, 1:] != IGNORE).sum(
+        1
+    ).float()
+
+
+def token_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """Per-token next-token log-probs (B, T - 1): entry t is log p(labels[t + 1]); 0 where labels are -100.
+
+    The output head runs on the labelled positions only (never all B·T·V logits), unless the model changes its
+    logits after the head (then the full logits are taken).
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -45,12 +55,9 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][
             keep
         ]
-    token_logps = torch.log_softmax(logits.float(), -1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(
-        0, rows, token_logps
-    )
-    return sums, keep.sum(1).float()
+    picked = torch.log_softmax(logits.float(), -1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
+    return out.masked_scatter(keep, picked)
 
 
 def reference_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
