@@ -38,7 +38,8 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     if cfg.data is None:
         raise ValueError(
             f"--mode {cfg.mode} needs --data: a file of preference rows (see `lorakit.data.preference`); "
-            "the embedded demo is SFT data. A shipped example: scripts/dpo_demo.py"
+            "the embedded demo is SFT data. A shipped example: --data src/lorakit/data/dpo_demo/train.jsonl "
+            "(scripts/make_dpo_demo_data.py)"
         )
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
@@ -60,7 +61,7 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     for note in prepared.notes:
         say(note)
     skipped = f", {train.skipped} bad rows skipped" if train.skipped else ""
-    say(f"data {cfg.data}: {len(train.examples)} {train.format} rows ({cfg.mode}){skipped}")
+    say(f"data {cfg.data}: {len(train.examples)} rows of {train.format} ({cfg.mode}){skipped}")
     pad_id = _pad_id(tokenizer)
 
     evaluate = functools.partial(evaluate_preference, cfg=cfg, tokenizer=tokenizer, pad_id=pad_id)
