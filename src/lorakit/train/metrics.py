@@ -131,7 +131,7 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> P
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss (mean per pair / row)" if accuracy else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
     if accuracy:  # preference modes: reward accuracy (chosen reward > rejected) beside the loss
