@@ -109,15 +109,17 @@ def as_messages(row: dict, fmt: str) -> list[dict]:
     ]
 
 
-def encode_sft(row: dict, fmt: str, tokenizer, where: str) -> Example:
+def encode_sft(row: dict, fmt: str, tokenizer, where: str, last_only: bool = False) -> Example:
     """Token ids and labels for a checked "messages" or "prompt" row (no length limit applied here).
+
+    last_only: the loss covers the last assistant turn only (preference training: earlier answers are context).
 
     Raises:
         DataError: a messages row for a tokenizer without a chat template, or a template that does not render
             prefixes of the conversation as prefixes of the text (its assistant turns cannot be located).
     """
     if getattr(tokenizer, "chat_template", None):
-        return _encode_chat(as_messages(row, fmt), tokenizer, where)
+        return _encode_chat(as_messages(row, fmt), tokenizer, where, last_only)
     if fmt == "messages":
         raise DataError(
             f"{where}: 'messages' rows need a tokenizer with a chat template and this one has none; "
@@ -134,7 +136,7 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _encode_chat(messages: list[dict], tokenizer, where: str) -> Example:
+def _encode_chat(messages: list[dict], tokenizer, where: str, last_only: bool = False) -> Example:
     text = render(tokenizer, messages, False)
     spans = []  # character spans [start, end) of each assistant turn inside `text`
     for i, m in enumerate(messages):
@@ -150,6 +152,7 @@ def _encode_chat(messages: list[dict], tokenizer, where: str) -> Example:
                 "a prefix of the whole conversation, so the assistant turns cannot be located"
             )
         spans.append((len(before), len(upto)))
+    spans = spans[-1:] if last_only else spans
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [-100] * len(ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import MODES, QUANTIZE, TrainConfig
+from .config import LOSS_TYPES, MODES, QUANTIZE, TrainConfig
 
 
 def register(sub) -> None:
@@ -31,7 +31,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="training rows: .jsonl, .csv or .parquet (none: the embedded demo)")
     g.add_argument("--eval-data", help="held-out rows, evaluated before and after training")
     g.add_argument("--output", help="directory for the adapter, checkpoints and records")
-    g.add_argument("--mode", choices=MODES, help="sft: chat / prompt-completion rows; cpt: raw text")
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        help="sft: chat / prompt-completion rows; cpt: raw text; dpo / orpo / kto: preferences",
+    )
     g.add_argument("--max-len", type=int, help="tokens per row (sft) or packed block (cpt)")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows")
     g.add_argument("--quantize", choices=QUANTIZE, help="base weights in 4-bit NF4 (QLoRA) or 8-bit")
@@ -66,6 +70,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (training)")
     g.add_argument("--seed", type=int, help="seed of the adapter init, data order and dropout")
+    g = p.add_argument_group("preference (dpo, orpo, kto)")
+    g.add_argument("--beta", type=float, help="preference strength beta (default 0.1)")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, help="dpo: sigmoid (DPO), ipo or hinge")
+    g.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        default=None,
+        help="reference log-probs once, before training",
+    )
+    g.add_argument("--desirable-weight", type=float, help="kto: weight of desirable rows")
+    g.add_argument("--undesirable-weight", type=float, help="kto: weight of undesirable rows")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
@@ -98,7 +113,14 @@ def main(args: argparse.Namespace) -> int:
     before, after = results["before"], results["after"]
     if before and after:
         print(f"held-out ({after['n']} rows)      before    after")
-        for key in ("loss", "perplexity", "exact_match"):
+        for key in (
+            "loss",
+            "perplexity",
+            "reward_accuracy",
+            "preference_accuracy",
+            "reward_margin",
+            "exact_match",
+        ):
             if before.get(key) is not None and after.get(key) is not None:
                 print(f"  {key:<20} {before[key]:>9.4f} {after[key]:>8.4f}")
     print(

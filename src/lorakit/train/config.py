@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("sft", "cpt")
+MODES = ("sft", "cpt", "dpo", "orpo", "kto")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 QUANTIZE = ("none", "4bit", "8bit")
 
 
@@ -38,6 +39,9 @@ class TrainConfig:
         packing: pack each step's rows into sequences of up to max_len tokens, attention confined to each row
             (True: required, an error if the model cannot keep packed rows apart; None: when it can; False: pad).
         compile: torch.compile the model's transformer body for training.
+        beta: dpo / orpo / kto: the preference strength β. loss_type: dpo: "sigmoid", "ipo" or "hinge".
+        precompute_ref: dpo / kto: the reference log-probs computed once before training (adapter disabled).
+        desirable_weight / undesirable_weight: kto: the weights of desirable / undesirable rows' losses.
     """
 
     model: str = "default"
@@ -72,6 +76,11 @@ class TrainConfig:
     dtype: str | None = None
     packing: bool | None = None
     compile: bool = False
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    precompute_ref: bool = False
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +126,11 @@ class TrainConfig:
             raise bad("max_grad_norm", "a number >= 0 (0: no clipping)")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", "a number >= 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", f"one of {LOSS_TYPES}")
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "a positive number")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

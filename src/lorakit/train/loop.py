@@ -40,6 +40,8 @@ from .compile import compiled
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
+from .preference.objective import MODES as PREFERENCE_MODES
+from .preference.objective import objective_for
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,6 +79,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from .evaluate import evaluate
     from .prepare import prepare, save_prepared
 
+    if cfg.mode in PREFERENCE_MODES:  # dpo / orpo / kto: their own data and metrics, this file's fit
+        from .preference.run import run_preference
+
+        return run_preference(cfg, ctx, stream)
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
@@ -194,7 +200,8 @@ def fit(
     optimizer = make_optimizer(list(params.values()), cfg)
     session = _Run(model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say)
     session.start_or_resume()
-    session.packed = packing.choose(model, cfg.packing, say)
+    # Preference objectives batch their own (paired) rows: packing is for token-level losses.
+    session.packed = session.objective is None and packing.choose(model, cfg.packing, say)
     if session.packed:
         say(
             f"packing: each step's rows in sequences, at most {cfg.batch_size * cfg.max_len} tokens a "
@@ -270,8 +277,13 @@ class _Run:
         self.global_batch = cfg.batch_size * cfg.grad_accum * ctx.world
         self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n / self.global_batch))
         self.warmup = round(cfg.warmup * self.total)
-        self.loss_tokens = [_loss_tokens(ex) for ex in examples]
-        self.row_tokens = [len(ex.input_ids) for ex in examples]
+        # The micro-batch loss: token-level (sft, cpt) or a preference objective (dpo, orpo, kto; its units are
+        # pairs or rows, so the step's loss is the mean over them).
+        self.objective = objective_for(cfg)
+        obj = self.objective
+        self.loss_tokens = [obj.units(ex) if obj else _loss_tokens(ex) for ex in examples]
+        self.row_tokens = [obj.tokens(ex) if obj else len(ex.input_ids) for ex in examples]
+        self.extra: dict[str, float] = {}  # the last step's objective metrics (reward accuracy, margin, ...)
         self.start, self.tokens, self.seconds_before, self.last_saved = 0, 0, 0.0, 0
         self.packed, self.stats = False, packing.Stats()
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -345,12 +357,24 @@ class _Run:
         lr = set_lr(self.optimizer, self.cfg, step, self.total, self.warmup)
         # Gradients add up in .grad over the micro-batches (and over processes in sum_grads).
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in self.micro_batches(mine):
-            s, _ = micro_batch_loss(self.model, batch, self.cfg)
-            (s / n_loss).backward()
-            loss_sum += s.detach().double()
+        extra: dict[str, float] = {}
+        if self.objective is not None:
+            for m in range(accum):
+                micro = [self.examples[i] for i in mine[m * bs : (m + 1) * bs]]
+                s, _, sums = self.objective.micro_loss(self.model, micro, self.pad_id)
+                extra = {k: extra.get(k, 0.0) + v for k, v in sums.items()}
+                (s / n_loss).backward()
+                loss_sum += s.detach().double()
+        else:
+            for batch in self.micro_batches(mine):
+                s, _ = micro_batch_loss(self.model, batch, self.cfg)
+                (s / n_loss).backward()
+                loss_sum += s.detach().double()
         distributed.sum_grads(ctx, self.plist)
         loss = distributed.sum_scalar(ctx, float(loss_sum), self.device) / n_loss
+        self.extra = {
+            k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
+        }
         # Stop before a bad update reaches the weights; clip; step.
         norm = float(torch.nn.utils.clip_grad_norm_(self.plist, self.cfg.max_grad_norm or math.inf))
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -379,16 +403,22 @@ class _Run:
         """Report, evaluate, checkpoint; on a stop request, checkpoint and raise KeyboardInterrupt."""
         cfg, ctx = self.cfg, self.ctx
         self.tokens += step_tokens
-        self.progress.update(done, loss, lr, step_tokens)
+        self.progress.update(done, loss, lr, step_tokens, self.extra)
         if self.log is not None:
             self.log.write(
                 {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                  "tokens": self.tokens, "tokens_per_second": round(self.progress.tokens_per_second(), 1),
-                 "elapsed": round(self.elapsed(), 3)}
+                 "elapsed": round(self.elapsed(), 3), **self.extra}
             )  # fmt: skip
         if cfg.eval_every and self.eval_examples and (done % cfg.eval_every == 0 or done == self.total):
             if ctx.is_main:
-                ev = eval_loss(self.model, self.eval_examples, cfg.batch_size, self.pad_id, cfg.loss_chunk)
+                ev = (
+                    self.objective.evaluate(self.model, self.eval_examples, cfg.batch_size, self.pad_id)
+                    if self.objective
+                    else eval_loss(
+                        self.model, self.eval_examples, cfg.batch_size, self.pad_id, cfg.loss_chunk
+                    )
+                )
                 self.log.write({"step": done, **ev})
                 self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:

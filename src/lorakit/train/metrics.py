@@ -63,15 +63,18 @@ class Progress:
         self.tokens = 0
         self.open_line = False
 
-    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
-        """`step`: optimizer steps done; `tokens`: tokens processed by this step."""
+    def update(self, step: int, loss: float, lr: float, tokens: int, extra: dict | None = None) -> None:
+        """`step`: optimizer steps done; `tokens`: tokens processed by this step; `extra`: more metrics to show
+        (preference modes: reward accuracy and margin)."""
         self.tokens += tokens
         elapsed = time.perf_counter() - self.t0
         done = step - self.start
         tps = self.tokens / elapsed if elapsed > 0 else 0.0
         eta = elapsed / done * (self.total - step) if done else 0.0
+        shown = "".join(f"  {_SHORT[k]} {v:.3f}" for k, v in (extra or {}).items() if k in _SHORT)
         line = (
-            f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  ETA {_duration(eta)}"
+            f"step {step}/{self.total}  loss {loss:.4f}{shown}  lr {lr:.2e}  {tps:,.0f} tok/s  "
+            f"ETA {_duration(eta)}"
         )
         if self.tty:
             width = 30
@@ -101,6 +104,10 @@ class Progress:
             self.open_line = False
 
 
+# Metrics of the preference modes shown on the progress line, by their short names.
+_SHORT = {"reward_accuracy": "acc", "reward_margin": "margin", "kl": "kl"}
+
+
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
     """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw."""
     records = read(metrics_path)
@@ -113,16 +120,29 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> P
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot()
+    accuracy = [(r["step"], r["reward_accuracy"]) for r in records if _finite(r.get("reward_accuracy"))]
+    eval_accuracy = [
+        (r["step"], r["eval_reward_accuracy"]) for r in records if _finite(r.get("eval_reward_accuracy"))
+    ]
+    fig = Figure(figsize=(10 if accuracy else 6, 4), dpi=100)
+    ax = fig.add_subplot(1, 2 if accuracy else 1, 1)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss (mean per pair / row)" if accuracy else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:  # preference modes: reward accuracy (chosen reward > rejected) beside the loss
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax2.plot(*zip(*accuracy), label="train reward accuracy", linewidth=1.2)
+        if eval_accuracy:
+            ax2.plot(*zip(*eval_accuracy), "o-", label="eval reward accuracy", linewidth=1.2)
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.grid(alpha=0.3)
+        ax2.legend()
     fig.tight_layout()
     return save_figure(fig, png_path)
 

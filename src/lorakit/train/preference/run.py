@@ -1,0 +1,168 @@
+"""`lorakit train --mode dpo|orpo|kto`: preference data, held-out metrics before / after, the shared fit.
+
+The same steps as an SFT run (train/loop.py `_run`): prepare the model and adapter, read the data, evaluate,
+`fit`, evaluate again, write the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png. What
+differs: the rows (data/preference.py), the micro-batch loss (objective.py) and the held-out metrics below.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ...atomic import write_text
+from .. import checkpoint, distributed
+from ..config import TrainConfig
+from .objective import objective_for, precompute_reference, sequence_logps
+
+
+def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str, Any]:
+    """Train `cfg.mode` in {"dpo", "orpo", "kto"}; see `lorakit.train.loop.run` for what is written.
+
+    Raises:
+        ValueError: no --data (preference modes have no embedded default dataset), or bad options / data.
+    """
+    from lorakit import adapters
+    from lorakit.data.preference import load_preference
+    from lorakit.models import is_quantized
+
+    from ..loop import _pad_id, _say, _seed, fit
+    from ..metrics import plot_loss
+    from ..prepare import prepare, save_prepared
+
+    if cfg.data is None:
+        raise ValueError(
+            f"--mode {cfg.mode} needs --data: a file of preference rows (see `lorakit.data.preference`); "
+            "the embedded demo is SFT data. A shipped example: --data src/lorakit/data/dpo_demo/train.jsonl "
+            "(scripts/make_dpo_demo_data.py)"
+        )
+    say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
+    output = Path(cfg.output)
+    _seed(cfg.seed)
+    prepared = prepare(cfg)
+    model, tokenizer = prepared.model, prepared.tokenizer
+    if not is_quantized(model):
+        model.to(ctx.device)
+    load = functools.partial(
+        load_preference,
+        tokenizer=tokenizer,
+        mode=cfg.mode,
+        max_len=cfg.max_len,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
+    train = load(cfg.data)
+    held_out = load(cfg.eval_data) if cfg.eval_data else None
+    counts = adapters.trainable_parameters(model)
+    for note in prepared.notes:
+        say(note)
+    skipped = f", {train.skipped} bad rows skipped" if train.skipped else ""
+    say(f"data {cfg.data}: {len(train.examples)} rows of {train.format} ({cfg.mode}){skipped}")
+    pad_id = _pad_id(tokenizer)
+
+    evaluate = functools.partial(evaluate_preference, cfg=cfg, tokenizer=tokenizer, pad_id=pad_id)
+    before = evaluate(model, held_out.examples) if held_out is not None and ctx.is_main else None
+    if before is not None:
+        say(f"before: {format_metrics(before)}  ({cfg.eval_data}, {len(held_out.examples)} rows)")
+    if cfg.precompute_ref and cfg.mode != "orpo":
+        precompute_reference(model, train.examples, cfg.batch_size, pad_id)
+        say(f"reference log-probs precomputed for {len(train.examples)} rows (adapter disabled)")
+
+    fitted = fit(
+        model, train.examples, cfg, pad_id=pad_id,
+        eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
+    )  # fmt: skip
+
+    results: dict[str, Any] = {}
+    if ctx.is_main:
+        after = evaluate(model, held_out.examples) if held_out is not None else None
+        if after is not None:
+            say(f"after:  {format_metrics(after)}")
+        save_prepared(prepared, output)
+        replace(cfg, resume=False).save(output / "train_config.yaml")
+        results = {
+            "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
+            "steps": fitted.steps, "train_seconds": round(fitted.seconds, 3),
+            "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
+        }  # fmt: skip
+        write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+        plot_loss(output / "metrics.jsonl", output / "loss.png")
+        checkpoint.remove(output)
+        say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
+    distributed.barrier(ctx)
+    return results
+
+
+@torch.no_grad()
+def evaluate_preference(model, examples: list, *, cfg: TrainConfig, tokenizer, pad_id: int) -> dict[str, Any]:
+    """Held-out metrics of a preference run.
+
+    - loss, reward_accuracy, reward_margin, logps_* (the objective's eval metrics, means over rows; before
+      training the adapter is the identity, so DPO / KTO rewards are all 0 and the accuracy is 0);
+    - preference_accuracy (pairs): the fraction of pairs where the model itself gives the chosen answer a
+      higher summed log-prob than the rejected one, which is meaningful before training too;
+    - exact_match: greedy output from the prompt equals the chosen (KTO: desirable) answer, whitespace stripped.
+    """
+    from ..evaluate import generate_answers
+
+    objective = objective_for(cfg)
+    metrics = {
+        k.removeprefix("eval_"): v
+        for k, v in objective.evaluate(model, examples, cfg.batch_size, pad_id).items()
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        targets = examples
+        if cfg.mode == "kto":
+            targets = [ex for ex in examples if ex.label]
+        else:
+            device = next(p.device for p in model.parameters())
+            wins = 0
+            from lorakit.data.preference import collate_pairs
+
+            for i in range(0, len(examples), cfg.batch_size):
+                b = {
+                    k: v.to(device)
+                    for k, v in collate_pairs(examples[i : i + cfg.batch_size], pad_id).items()
+                }
+                chosen, rejected = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])[
+                    0
+                ].chunk(2)
+                wins += int((chosen > rejected).sum())
+            metrics["preference_accuracy"] = wins / max(1, len(examples))
+        refs = [ex.answer for ex in targets]
+        budget = max(
+            (
+                len(ex.chosen.input_ids if hasattr(ex, "chosen") else ex.example.input_ids)
+                - len(ex.prompt_ids)
+                for ex in targets
+            ),
+            default=0,
+        )
+        outs = generate_answers(
+            model, tokenizer, [ex.prompt_ids for ex in targets], budget + 8, cfg.batch_size
+        )
+        hits = [o.strip() == r.strip() for o, r in zip(outs, refs)]
+        metrics["exact_match"] = sum(hits) / len(hits) if hits else None
+        metrics["n"] = len(examples)
+        metrics["samples"] = [{"reference": r, "generated": o} for r, o in list(zip(refs, outs))[:3]]
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    parts = [f"loss {m['loss']:.4f}"]
+    for key, name in (("reward_accuracy", "reward acc"), ("preference_accuracy", "prefers chosen")):
+        if m.get(key) is not None:
+            parts.append(f"{name} {m[key]:.1%}")
+    if m.get("reward_margin") is not None:
+        parts.append(f"margin {m['reward_margin']:.3f}")
+    if m.get("exact_match") is not None:
+        parts.append(f"exact match {m['exact_match']:.1%}")
+    return "  ".join(parts)
