@@ -21,9 +21,7 @@ import functools
 import json
 import math
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +40,7 @@ from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
 from .preference.objective import MODES as PREFERENCE_MODES
 from .preference.objective import objective_for
+from .signals import _Silent, _StopSignal
 
 
 class NonFiniteLoss(RuntimeError):
@@ -484,41 +483,6 @@ def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 
     """Token-averaged loss and perplexity of `model` on `examples` (evaluate.heldout_loss)."""
     loss, _ = heldout_loss(model, examples, batch_size, pad_id, chunk)
     return {"eval_loss": round(loss, 6), "eval_perplexity": round(perplexity(loss), 4)}
-
-
-class _Silent:
-    """A stream for the ranks that do not print."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
-class _StopSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, which then checkpoints.
-
-    A second Ctrl-C interrupts at once. Handlers are only installed from the main thread.
-    """
-
-    requested = False
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _loss_tokens(example) -> int:
