@@ -58,7 +58,7 @@ def _fit(tmp_path, examples, name, **kw):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _assert_same(a, b, atol=1e-6):
+def _assert_same(a, b, atol=2e-6):  # fp32 rounding after 4 AdamW steps, as the SFT loop test
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
