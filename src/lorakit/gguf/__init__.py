@@ -1,0 +1,1 @@
+from .writer import export_gguf, write_gguf, QUANTS, GGUFReport  # noqa: F401
