@@ -20,6 +20,7 @@ from typing import Any
 import gguf
 
 from ..io.base_ref import DEFAULT_MODEL_NAME
+from ..tools.consumers import llama_cpp_problems
 from . import arch as A
 from .writer import QUANTS, check_output, default_output, encode, write_atomic
 
@@ -90,24 +91,6 @@ def export_gguf_lora(
         "modules": len(view.modules),
         "scales": {n: m.scale for n, m in view.modules.items()},
     }
-
-
-def llama_cpp_problems(view) -> list[str]:
-    """Why llama.cpp's LoRA loader cannot apply this adapter as it is ([] when it can)."""
-    problems = []
-    if view.config.use_dora:
-        problems.append("DoRA (use_dora): its magnitude renormalisation is not a low-rank delta")
-    if view.raw_config.get("modules_to_save"):
-        problems.append(f"modules_to_save {view.raw_config['modules_to_save']}: full tensors, not LoRA pairs")
-    if view.raw_config.get("trainable_token_indices"):
-        problems.append("trainable_token_indices: embedding rows, not LoRA pairs")
-    extra = sorted(k for k in view.other if "modules_to_save" not in k and "token_adapter" not in k)
-    if extra:
-        problems.append(f"non-LoRA tensors (e.g. biases) {extra[:3]}{' ...' if len(extra) > 3 else ''}")
-    embed = sorted(n for n, m in view.modules.items() if m.embedding or len(m.a_shape) != 2)
-    if embed:
-        problems.append(f"LoRA on embedding / conv modules {embed[:3]} (not exported to llama.cpp's format)")
-    return problems
 
 
 def refuse_unsupported(view) -> None:
