@@ -24,7 +24,7 @@ def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
         ValueError: a pre-tokenizer llama.cpp has no name for (in the known families).
     """
     pre = tok_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    parts = _parts(tok_json)
     types = [p.get("type") for p in parts]
     if types == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
@@ -40,6 +40,11 @@ def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
         f"GGUF export: the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp knows by "
         f"name; supported: {_KNOWN_PRE}"
     )
+
+
+def _parts(tok_json: dict[str, Any]) -> list[dict[str, Any]]:
+    pre = tok_json.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
 
 
 def write_vocab(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
@@ -88,6 +93,8 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> Non
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    byte_level = [p for p in _parts(tok_json) if p.get("type") == "ByteLevel"]
+    writer.add_add_space_prefix(bool(byte_level and byte_level[-1].get("add_prefix_space")))
     _write_specials(writer, tokenizer)
     template = getattr(tokenizer, "chat_template", None)
     if template:
