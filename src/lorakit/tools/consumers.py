@@ -60,7 +60,12 @@ def _vllm(view) -> dict[str, Any]:
     if cfg.get("modules_to_save"):
         problems.append(f"modules_to_save {cfg['modules_to_save']}: 'vLLM only supports modules_to_save being None'")
     if cfg.get("trainable_token_indices") or any("token_adapter" in k for k in view.other):
-        problems.append("trainable tokens: their tensors are an 'unsupported LoRA weight' to vLLM")
+        problems.append(
+            "trainable tokens: vLLM releases reject their tensors as 'unsupported LoRA weight' (only the newest "
+            "vLLM reads trainable_token_indices)"
+        )
+    if view.config.bias != "none":
+        problems.append(f"bias={view.config.bias!r}: vLLM requires bias 'none' (peft_helper validate_legal)")
     extra = sorted(k for k in view.other if "token_adapter" not in k and "modules_to_save" not in k)
     if extra:
         problems.append(f"non-LoRA tensors {extra[:2]}: 'unsupported LoRA weight' (vLLM reads lora_A/B only)")
