@@ -44,7 +44,9 @@ def llama_cpp_site(cache: Path, jobs: int) -> Path:
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     if not glob.glob(str(wheels / "llama_cpp_python-*.whl")):
-        env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs), MAKEFLAGS=f"-j{jobs}")
+        env = dict(
+            os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs), MAKEFLAGS=f"-j{jobs}"
+        )
         log = cache / "build.log"
         print(f"building llama-cpp-python {LLAMA_CPP_VERSION} from source (log: {log}) ...", flush=True)
         cmd = [sys.executable, "-m", "pip", "wheel", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "--no-deps",
@@ -76,7 +78,7 @@ def random_adapter(model, out: Path) -> Path:
     return out
 
 
-def lorakit_greedy(model, ids: list[int], n: int) -> tuple[list[int], "object"]:
+def lorakit_greedy(model, ids: list[int], n: int) -> tuple[list[int], object]:
     import torch
 
     with torch.no_grad():
@@ -86,7 +88,7 @@ def lorakit_greedy(model, ids: list[int], n: int) -> tuple[list[int], "object"]:
     return out[0, len(ids) :].tolist(), first
 
 
-def llama_greedy(llama_cls, ids: list[int], n: int, threads: int, **kwargs) -> tuple[list[int], "object"]:
+def llama_greedy(llama_cls, ids: list[int], n: int, threads: int, **kwargs) -> tuple[list[int], object]:
     import numpy as np
 
     llm = llama_cls(n_ctx=len(ids) + n + 8, n_threads=threads, n_batch=512, verbose=False, **kwargs)
@@ -136,7 +138,10 @@ def main() -> int:
     model, _ = load_model(args.model, adapter=adapter)
     ref, ref_first = lorakit_greedy(model, ids, args.tokens)
 
-    files = {q: export_gguf(args.model, adapter, work / f"merged-{q}.gguf", q).output for q in ("f32", "f16", "q8_0")}
+    files = {
+        q: export_gguf(args.model, adapter, work / f"merged-{q}.gguf", q).output
+        for q in ("f32", "f16", "q8_0")
+    }
     base_gguf = export_gguf(args.model, None, work / "base-f32.gguf", "f32").output
     lora_gguf = export_gguf_lora(adapter, args.model, work / "lora-f32.gguf")["output"]
     runs = {f"merged {q}": dict(model_path=str(p)) for q, p in files.items()}
@@ -144,7 +149,9 @@ def main() -> int:
     runs["base f32 (no LoRA)"] = dict(model_path=str(base_gguf))
 
     load = os.getloadavg()
-    print(f"\nprompt {len(ids)} tokens, {args.tokens} greedy tokens; load average {load[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"\nprompt {len(ids)} tokens, {args.tokens} greedy tokens; load average {load[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(f"lorakit base model's tokens differ from lorakit + adapter's at {_first_diff(base_toks, ref)}")
     print(f"\n{'llama.cpp run':<22} {'tokens = lorakit':>16} {'first diff':>10} {'max |Δlogit| step 0':>21}")
     ok = True

@@ -42,7 +42,7 @@ def tiny_causal_dir(path, model_type: str = "llama", tie: bool = False, seed: in
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # non-trivial norms, so a mis-mapped norm tensor shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)

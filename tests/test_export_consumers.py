@@ -119,18 +119,20 @@ LLAMA3_TEMPLATE = (
 
 
 def test_ollama_translates_chatml_with_its_default_system_prompt():
-    from lorakit.gguf.ollama import PROBES, FAMILIES, translate
+    from lorakit.gguf.ollama import FAMILIES, PROBES, translate
 
     tok = byte_bpe_tokenizer()
     tok.chat_template = SMOLLM2_TEMPLATE
     tpl = translate(tok)
     assert tpl.family == "ChatML" and tpl.stops == ["<|im_end|>"]
     assert tpl.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}' in tpl.template
+    assert "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}" in tpl.template
     # The layout the Go template encodes reproduces the HF rendering on each probe conversation.
     chatml = FAMILIES[0]
     conv = PROBES[2]
-    assert chatml.render(tpl.system, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert chatml.render(tpl.system, conv) == tok.apply_chat_template(
+        conv, tokenize=False, add_generation_prompt=True
+    )
     tok.chat_template = CHAT_TEMPLATE  # ChatML without a default system prompt
     assert translate(tok).system is None
 
@@ -151,7 +153,9 @@ def test_ollama_refuses_a_template_it_cannot_translate():
     from lorakit.gguf.ollama import translate
 
     tok = byte_bpe_tokenizer()
-    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    tok.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    )
     with pytest.raises(ValueError, match="cannot translate.*ChatML, Llama-3"):
         translate(tok)
 

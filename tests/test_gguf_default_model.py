@@ -43,7 +43,10 @@ def test_default_model_exports_like_llama_cpps_own_file(tmp_path):
     for key in ("llama.rope.dimension_count", "llama.attention.head_count_kv", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):  # fmt: skip
         assert written.fields[key].contents() == original.fields[key].contents(), key
-    assert written.fields["tokenizer.ggml.tokens"].contents() == original.fields["tokenizer.ggml.tokens"].contents()
+    assert (
+        written.fields["tokenizer.ggml.tokens"].contents()
+        == original.fields["tokenizer.ggml.tokens"].contents()
+    )
 
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     with torch.no_grad():

@@ -10,10 +10,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import lorakit  # noqa: E402
-from lorakit.models import load_model  # noqa: E402
 from conftest import randomize_adapters  # noqa: E402
 from gguf_fixtures import tiny_causal_dir  # noqa: E402
 from lorakit.gguf import export_gguf, export_gguf_lora, write_gguf  # noqa: E402
+from lorakit.models import load_model  # noqa: E402
 
 IDS = torch.randint(3, 264, (2, 11), generator=torch.Generator().manual_seed(0))
 # A config every per-module rule applies to: rsLoRA, a rank pattern and an alpha pattern.
@@ -34,7 +34,9 @@ def _adapter(tmp_path, model_type="llama", tie=False, **cfg):
 def _gguf_logits(path):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         return m(IDS).logits
 
@@ -67,7 +69,9 @@ def _rounded(model, quant):
     return model
 
 
-@pytest.mark.parametrize("model_type,tie", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)])
+@pytest.mark.parametrize(
+    "model_type,tie", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)]
+)
 def test_merged_gguf_in_transformers_gives_lorakit_logits(tmp_path, model_type, tie):
     base, adapter, model = _adapter(tmp_path, model_type, tie)
     with torch.no_grad():
@@ -99,7 +103,7 @@ def _llama_cpp_keys(arch: str) -> set[str]:
 
 def _llama_cpp_tensors(arch: str, n_layers: int, tied: bool) -> set[str]:
     names = {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
-    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_block = "attn_norm attn_q attn_k attn_v attn_output ffn_norm ffn_gate ffn_up ffn_down".split()
     for i in range(n_layers):
         names |= {f"blk.{i}.{n}.weight" for n in per_block}
         if arch == "qwen2":
@@ -200,7 +204,8 @@ def test_lora_gguf_metadata_is_what_llama_cpp_checks(tmp_path):
     # llama.cpp reads the alpha with gguf_get_val_f32, which asserts FLOAT32.
     assert f["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
     a, b = tensors["blk.0.attn_k.weight.lora_a"], tensors["blk.0.attn_k.weight.lora_b"]
-    assert list(a.shape) == [64, 2] and list(b.shape) == [2, 32]  # ne: A [in, r], B [r, out] (rank_pattern k=2)
+    # ggml dims innermost first: A [in, r], B [r, out]; k_proj has rank 2 (rank_pattern).
+    assert list(a.shape) == [64, 2] and list(b.shape) == [2, 32]
 
 
 @pytest.mark.parametrize(

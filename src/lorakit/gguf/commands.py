@@ -24,12 +24,16 @@ def register(sub) -> None:
     p.add_argument("--model", default=None,
                    help="base model: 'default', an HF directory or a .gguf file (gguf-lora: default the "
                    "adapter's base_model_name_or_path; else 'default')")  # fmt: skip
-    p.add_argument("--adapter", help="adapter directory (required for gguf-lora; without it gguf exports the base)")
+    p.add_argument(
+        "--adapter", help="adapter directory (required for gguf-lora; without it gguf exports the base)"
+    )
     p.add_argument("--format", choices=FORMATS, default="gguf", help="gguf (default), gguf-lora or ollama")
     p.add_argument("--quant", choices=QUANT_NAMES, default=None,
                    help="tensor type: f16 for gguf / ollama, f32 for gguf-lora when not given; "
                    "k-quants: export f16, then run llama.cpp's llama-quantize")  # fmt: skip
-    p.add_argument("--output", help="file (gguf, gguf-lora) or directory (ollama); default inside the adapter dir")
+    p.add_argument(
+        "--output", help="file (gguf, gguf-lora) or directory (ollama); default inside the adapter dir"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_export)
 
@@ -58,7 +62,9 @@ def _export(args: argparse.Namespace) -> int:
         from .ollama import export_ollama
 
         info = export_ollama(model, args.adapter, args.output, quant, args.overwrite)
-        print(f"wrote {info['gguf']} and {info['modelfile']} ({info['family']} template, stops {info['stops']})")
+        print(
+            f"wrote {info['gguf']} and {info['modelfile']} ({info['family']} template, stops {info['stops']})"
+        )
         print(f"use: ollama create NAME -f {info['modelfile']}")
         return 0
     from .writer import export_gguf

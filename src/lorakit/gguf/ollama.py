@@ -106,7 +106,9 @@ def translate(tokenizer: Any) -> OllamaTemplate:
             probe conversation whose rendering differs).
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat_template: Ollama needs a TEMPLATE; add one to the tokenizer")
+        raise ValueError(
+            "the tokenizer has no chat_template: Ollama needs a TEMPLATE; add one to the tokenizer"
+        )
     hf = [_hf_render(tokenizer, conv) for conv in PROBES]
     candidates = [(hf, "")]
     bos = tokenizer.bos_token or ""
@@ -128,7 +130,9 @@ def translate(tokenizer: Any) -> OllamaTemplate:
         reasons.append(f"{fam.name}: {mismatch}")
     raise ValueError(
         "cannot translate this chat template to an Ollama TEMPLATE: it is none of the known families "
-        f"({', '.join(f.name for f in FAMILIES)}). " + "; ".join(reasons) + ". Write TEMPLATE in the Modelfile by hand"
+        f"({', '.join(f.name for f in FAMILIES)}). "
+        + "; ".join(reasons)
+        + ". Write TEMPLATE in the Modelfile by hand"
     )
 
 
@@ -205,7 +209,9 @@ def export_ollama(
     out = Path(output) if output is not None else (Path(adapter) / "ollama" if adapter else Path("ollama"))
     gguf_path, mf_path = out / f"model-{quant}.gguf", out / "Modelfile"
     if not overwrite and (gguf_path.exists() or mf_path.exists()):
-        raise ValueError(f"{out} already holds an Ollama export; choose another --output (or pass --overwrite)")
+        raise ValueError(
+            f"{out} already holds an Ollama export; choose another --output (or pass --overwrite)"
+        )
     base, tokenizer = load_model(model, dtype=torch.float32, adapter=adapter)
     tpl = translate(tokenizer)
     merged = unload(base, merge=True) if adapter is not None else base

@@ -14,7 +14,9 @@ from typing import Any
 import gguf
 
 # Byte-level pre-tokenizers by their tokenizer.json shape -> llama.cpp's name (llama-vocab.cpp).
-_KNOWN_PRE = "gpt-2 (plain ByteLevel), smollm (Digits + ByteLevel), llama-bpe (Llama-3 split), qwen2 (Qwen2 split)"
+_KNOWN_PRE = (
+    "gpt-2 (plain ByteLevel), smollm (Digits + ByteLevel), llama-bpe (Llama-3 split), qwen2 (Qwen2 split)"
+)
 
 
 def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:

@@ -48,7 +48,8 @@ class GGUFReport:
     arch: str
     quant: str
     tensor_types: dict[str, int]  # ggml type name -> number of tensors
-    fallbacks: list[str] = field(default_factory=list)  # tensors written F16 instead (row not a block multiple)
+    # tensors written F16 instead of the quant type (their rows are not a multiple of the 32-value block)
+    fallbacks: list[str] = field(default_factory=list)
     file_bytes: int = 0
 
 

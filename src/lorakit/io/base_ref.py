@@ -34,8 +34,8 @@ def base_reference(spec: str | None) -> str | None:
 
 
 def task_type(model: nn.Module) -> str | None:
-    """"CAUSAL_LM" for a transformers causal LM (its class is one AutoModelForCausalLM builds), else None
-    (PEFT's own default for a model it cannot classify)."""
+    """The PEFT task type of `model`: "CAUSAL_LM" for a transformers causal LM (a class AutoModelForCausalLM
+    builds), else None (PEFT's own default for a model it cannot classify)."""
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -54,5 +54,5 @@ def consumer_fields(model: nn.Module, recorded: str | None) -> dict[str, Any]:
             when None, the spec the model was loaded from (`config.lorakit_source`) or its `name_or_path`.
     """
     config = getattr(model, "config", None)
-    spec = recorded or getattr(config, "lorakit_source", None) or getattr(config, "name_or_path", None) or None
+    spec = recorded or getattr(config, "lorakit_source", None) or getattr(config, "name_or_path", None)
     return {"task_type": task_type(model), "base_model_name_or_path": base_reference(spec)}

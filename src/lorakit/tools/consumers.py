@@ -44,7 +44,9 @@ def _peft(view) -> dict[str, Any]:
         problems.append("base_model_name_or_path is lorakit's alias 'default', which PEFT cannot resolve")
     elif Path(base).expanduser().exists():
         if not Path(base).is_absolute():
-            notes.append(f"base_model_name_or_path {base!r} is relative: it resolves only from this directory")
+            notes.append(
+                f"base_model_name_or_path {base!r} is relative: it resolves only from this directory"
+            )
     elif _HUB_ID.match(base):
         notes.append(f"AutoPeftModel* loads the base {base!r} from the Hub (or its cache)")
     else:
@@ -58,7 +60,9 @@ def _vllm(view) -> dict[str, Any]:
     if view.config.use_dora:
         problems.append("DoRA: 'vLLM does not yet support DoRA' (peft_helper.py)")
     if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save {cfg['modules_to_save']}: 'vLLM only supports modules_to_save being None'")
+        problems.append(
+            f"modules_to_save {cfg['modules_to_save']}: 'vLLM only supports modules_to_save being None'"
+        )
     if cfg.get("trainable_token_indices") or any("token_adapter" in k for k in view.other):
         problems.append(
             "trainable tokens: vLLM releases reject their tensors as 'unsupported LoRA weight' (only the newest "
@@ -86,7 +90,9 @@ def _vllm(view) -> dict[str, Any]:
         problems.append(f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})")
     elif r > VLLM_DEFAULT_RANK:
         need = next(k for k in VLLM_RANKS if k >= r)
-        notes.append(f"rank {r} > vLLM's default max_lora_rank {VLLM_DEFAULT_RANK}: start vLLM with --max-lora-rank {need}")
+        notes.append(
+            f"rank {r} > vLLM's default max_lora_rank {VLLM_DEFAULT_RANK}: start vLLM with --max-lora-rank {need}"
+        )
     return _result(problems, notes)
 
 
