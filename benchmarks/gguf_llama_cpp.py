@@ -72,7 +72,7 @@ def random_adapter(model, out: Path) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora." in name:
-                p.add_(torch.randn(p.shape, generator=g) * (0.02 if name.endswith(".A") else 0.01))
+                p.add_(torch.randn(p.shape, generator=g) * (0.04 if name.endswith(".A") else 0.05))
     lorakit.save_adapter(model, out)
     lorakit.delete_adapter(model, "default")
     return out
@@ -91,14 +91,21 @@ def lorakit_greedy(model, ids: list[int], n: int) -> tuple[list[int], object]:
 def llama_greedy(llama_cls, ids: list[int], n: int, threads: int, **kwargs) -> tuple[list[int], object]:
     import numpy as np
 
-    llm = llama_cls(n_ctx=len(ids) + n + 8, n_threads=threads, n_batch=512, verbose=False, **kwargs)
-    llm.eval(ids)
-    first = np.array(llm.scores[llm.n_tokens - 1])
-    toks = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        toks.append(nxt)
-        llm.eval([nxt])
+    # logits_all: without it, the `scores` row read below did not hold the last token's logits in 0.3.36
+    # (every run, the exported base without LoRA too, then differed from lorakit by ~30 at step 0).
+    llm = llama_cls(
+        n_ctx=len(ids) + n + 8, n_threads=threads, n_batch=512, logits_all=True, verbose=False, **kwargs
+    )
+    try:
+        llm.eval(ids)
+        first = np.array(llm.scores[llm.n_tokens - 1])
+        toks = []
+        for _ in range(n):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            toks.append(nxt)
+            llm.eval([nxt])
+    finally:
+        llm.close()
     return toks, first
 
 
