@@ -13,7 +13,12 @@ import os
 import sys
 
 # Concern packages that contribute subcommands, in help order.
-COMMAND_MODULES = ("lorakit.train.commands", "lorakit.serve.commands", "lorakit.tools.commands")
+COMMAND_MODULES = (
+    "lorakit.train.commands",
+    "lorakit.serve.commands",
+    "lorakit.tools.commands",
+    "lorakit.gguf.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from ..config import LoraConfig
 from ..inject import compact_targets, model_modules
 from ..layers import LoraWeights
 from . import keys
+from .base_ref import consumer_fields
 from .files import write_adapter
 
 FINGERPRINT_KEY = "lorakit.fingerprint"
@@ -95,6 +96,8 @@ def save_adapter(
     )
     # PEFT reads fan_in_fan_out as "the targets store W as (in, out)": true exactly for GPT-2's Conv1D.
     peft["fan_in_fan_out"] = conv1d
+    # task_type / base_model_name_or_path as AutoPeftModel, vLLM and TGI need them (io/base_ref.py).
+    peft.update(consumer_fields(model, config.base_model_name_or_path))
     if adapter.tied_modules:
         # The output head follows the saved embedding copy (tied); PEFT does the same with this flag.
         peft["ensure_weight_tying"] = True

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import functional as LF
 from .adapter_file import open_adapter
+from .consumers import consumer_report
 from .plot import pyplot, save_figure
 from .resize import energy_kept, rank_for_energy
 
@@ -19,7 +20,8 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
     Keys: path, base_model, fingerprint (None when the file has none), peft_type, target_modules (as the
     config gives them), use_rslora, use_dora, r, alpha, modules ({name: {rank, alpha, scale, shape (ΔW as
     (out, in·…)), params, kind}}), rank_counts, lora_params, total_params (every tensor of the file),
-    file_bytes, dtypes, modules_to_save, trainable_token_indices. With `spectrum`: spectrum ({name:
+    file_bytes, dtypes, modules_to_save, trainable_token_indices, consumers ({peft, vllm, llama.cpp}:
+    {loads, problems, notes}, tools.consumers). With `spectrum`: spectrum ({name:
     {singular_values, energy (share of ‖ΔW‖_F² kept at rank 1..r), rank_for_energy}}), energy and
     suggested_rank (the smallest rank keeping `energy` in every module).
 
@@ -59,6 +61,7 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in view.tensors.values()}),
         "modules_to_save": cfg.get("modules_to_save"),
         "trainable_token_indices": cfg.get("trainable_token_indices"),
+        "consumers": consumer_report(view),
     }
     if spectrum:
         spec = {}
@@ -94,6 +97,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"saved modules  {info['modules_to_save']}")
     if info["trainable_token_indices"]:
         lines.append(f"trained tokens {info['trainable_token_indices']}")
+    lines += consumer_lines(info["consumers"])
     width = max(len(n) for n in info["modules"])
     lines.append("")
     header = f"{'module':<{width}}  rank  alpha   scale  {'ΔW shape':>11}"
@@ -113,6 +117,15 @@ def format_info(info: dict[str, Any]) -> str:
             f"suggested rank {info['suggested_rank']} (the smallest keeping {info['energy']:.0%} of ‖ΔW‖² in every module)",
         ]
     return "\n".join(lines)
+
+
+def consumer_lines(consumers: dict[str, Any]) -> list[str]:
+    """One line per consumer (loads / does not load), then its reasons and notes indented."""
+    lines = []
+    for name, c in consumers.items():
+        lines.append(f"{name + ':':<15}{'loads' if c['loads'] else 'does NOT load'}")
+        lines += [f"{'':<15}- {p}" for p in c["problems"]] + [f"{'':<15}  {n}" for n in c["notes"]]
+    return lines
 
 
 def plot_spectrum(info: dict[str, Any], path: str | os.PathLike) -> None:
