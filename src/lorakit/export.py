@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import follow_umask
+
 
 @dataclass
 class MergeReport:
@@ -32,6 +34,7 @@ def export_merged(
     quantize: str = "none",
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
+    ignore_fingerprint: bool = False,
 ) -> MergeReport:
     """Merge `adapter` into base `model` and save the result as a plain model directory, atomically.
 
@@ -44,6 +47,7 @@ def export_merged(
             the weights are then dequantized before merging.
         dtype: the dtype the merge is computed and saved in (default float32).
         overwrite: replace an existing `output` directory.
+        ignore_fingerprint: merge even when the adapter's base fingerprint differs from `model`'s.
 
     Raises:
         FileExistsError: `output` exists (and `overwrite` is False).
@@ -68,7 +72,7 @@ def export_merged(
                 delattr(holder, "quantization_config")
     # The fingerprint was taken on float (or, for QLoRA, on no) weights; dequantized NF4 / int8 weights are
     # not those bit for bit, so the check is skipped only in that case.
-    tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized)
+    tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized or ignore_fingerprint)
     merged = unload(base, merge=True).to(torch_dtype)
     if hasattr(merged.config, "lorakit_source"):
         del merged.config.lorakit_source
@@ -79,7 +83,7 @@ def export_merged(
     try:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
+        follow_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives any new file
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "x")

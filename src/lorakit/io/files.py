@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import follow_umask
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -124,6 +126,7 @@ def write_adapter(
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / WEIGHTS_NAME), metadata=meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        follow_umask(tmp / WEIGHTS_NAME)  # save_file creates it 0600
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

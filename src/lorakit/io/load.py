@@ -109,11 +109,17 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
     # Output heads tied to a saved embedding follow its copy; PEFT (ensure_weight_tying) also writes them.
     tied_heads = _tied_heads(model, saved_names)
     tied_found: dict[str, dict[str, Tensor]] = {}
+    # Modules the file names that this model lacks: one summary, not one error per key (an adapter of
+    # another architecture names hundreds).
+    unknown = sorted({p[0] for p in map(keys.parse, files.tensors) if p is not None and p[0] not in modules})
+    if unknown:
+        raise fail(
+            f"this adapter was made for a different base model ({len(unknown)} of its modules are missing from "
+            f"this model, e.g. {_examples(unknown)})"
+        )
     plan = _Plan()
     for k, t in files.tensors.items():
         parsed = keys.parse(k)
-        if parsed is not None and parsed[0] not in modules:
-            raise fail(f"key {k!r} names module {parsed[0]!r}, which this model does not have")
         if parsed is not None and parsed[1] in ("A", "B", "magnitude"):
             plan.lora.setdefault(parsed[0], {})[parsed[1]] = t
         elif parsed is not None and parsed[1] == "tokens":
@@ -148,7 +154,10 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
         raise AdapterFileError(f"{config_file}: {err}") from err
     missing = [n for n in expected if n not in plan.lora]
     if missing:
-        raise fail(f"no LoRA tensors for modules {missing} that target_modules in {CONFIG_NAME} selects")
+        raise fail(
+            f"no LoRA tensors for {len(missing)} modules that target_modules in {CONFIG_NAME} selects on this "
+            f"model (e.g. {_examples(missing)}): was it made for a different base model?"
+        )
     extra = [n for n in plan.lora if n not in expected]
     if extra:
         raise fail(
@@ -283,6 +292,12 @@ def _token_modules(model: nn.Module, token_plan: dict) -> list[str]:
     return names
 
 
+def _examples(names: list[str], k: int = 3) -> str:
+    """The first `k` names, comma-separated, and how many more there are."""
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
 def _check_fingerprint(model: nn.Module, files: AdapterFiles, plan: _Plan) -> None:
     stored = files.metadata.get(FINGERPRINT_KEY)
     if not stored:
@@ -293,7 +308,7 @@ def _check_fingerprint(model: nn.Module, files: AdapterFiles, plan: _Plan) -> No
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise AdapterFileError(
             f"{files.weights_path}: this adapter was trained on a different base model (the weights of its "
-            f"target modules {shown} differ from this model's); pass ignore_fingerprint=True to load it anyway"
+            f"target modules {shown} differ from this model's); pass ignore_fingerprint=True (on the command line: --ignore-fingerprint) to load it anyway"
         )
 
 

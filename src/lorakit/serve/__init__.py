@@ -4,7 +4,12 @@ The engine (`Engine`, `Request`) and the adapter registry are plain library code
 (`lorakit.serve.app`) needs fastapi and uvicorn (`pip install 'lorakit[serve]'`).
 """
 
-from .engine import Engine, Request
-from .registry import AdapterAccessError, AdapterConflict, AdapterRegistry
+from .._lazy import attach
+
+attach(
+    __name__,
+    {"Engine": "engine", "Request": "engine", **dict.fromkeys(
+        ("AdapterAccessError", "AdapterConflict", "AdapterRegistry"), "registry")},
+)  # fmt: skip
 
 __all__ = ["AdapterAccessError", "AdapterConflict", "AdapterRegistry", "Engine", "Request"]

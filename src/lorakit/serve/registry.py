@@ -51,6 +51,9 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self.loads = 0
         self.evictions = 0
+        self.ignore_fingerprint = (
+            False  # `lorakit serve --ignore-fingerprint`: load adapters of other weights
+        )
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -173,7 +176,9 @@ class AdapterRegistry:
         # Plain tensors even on the engine thread (which runs in inference_mode): they keep a version counter,
         # which the per-row fast path checks before reusing its stacked copy of them.
         with torch.inference_mode(False):
-            lorakit.load_adapter(self.model, path, name=name, activate=False)
+            lorakit.load_adapter(
+                self.model, path, name=name, activate=False, ignore_fingerprint=self.ignore_fingerprint
+            )
         self.loads += 1
         with self._lock:
             self._lru[name] = None

@@ -12,6 +12,9 @@ from typing import Any
 
 MODES = ("sft", "cpt")
 QUANTIZE = ("none", "4bit", "8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 
 
 @dataclass
@@ -35,6 +38,14 @@ class TrainConfig:
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
         loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        device: "auto" (this process's CUDA device when there is one, else CPU), "cpu", "cuda", "cuda:1", ...
+        overwrite: replace a finished run in `output` (without it, an output holding an adapter is refused).
+        report_to: experiment trackers, comma-separated (tensorboard, mlflow, wandb, trackio), all offline.
+        chat_template: a Jinja template file or a shipped name (chatml, llama-3, ...) replacing the tokenizer's.
+        truncate: SFT rows longer than max_len are cut to it (counted) instead of refused.
+        optimizer: adamw, adamw8bit (bitsandbytes), sgd (momentum 0.9) or adafactor.
+        scheduler: after warmup, cosine to 0, linear to 0, or constant.
+        lora_plus_ratio: LoRA+: the B matrices train at lr x this ratio (None: off; 16 is the paper's).
     """
 
     model: str = "default"
@@ -67,6 +78,15 @@ class TrainConfig:
     skip_bad_rows: bool = False
     loss_chunk: int = 0
     dtype: str | None = None
+    # everyday-use options (issue 16): device, overwrite, tracking, chat template, optimizer and schedule
+    device: str = "auto"
+    overwrite: bool = False
+    report_to: str | None = None
+    chat_template: str | None = None
+    truncate: bool = False
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    lora_plus_ratio: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +127,27 @@ class TrainConfig:
             raise bad("max_grad_norm", "a number >= 0 (0: no clipping)")
         if not self.weight_decay >= 0:
             raise bad("weight_decay", "a number >= 0")
+        self._validate_everyday(bad)
+
+    def _validate_everyday(self, bad) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {OPTIMIZERS}")
+        if self.scheduler not in SCHEDULERS:
+            raise bad("scheduler", f"one of {SCHEDULERS}")
+        if self.lora_plus_ratio is not None and not (
+            isinstance(self.lora_plus_ratio, int | float) and self.lora_plus_ratio > 0
+        ):
+            raise bad("lora_plus_ratio", "a positive number (the B matrices' lr multiplier)")
+        unknown = [t for t in self.trackers() if t not in TRACKERS]
+        if unknown:
+            raise bad("report_to", f"a comma-separated list of {TRACKERS} (unknown: {unknown})")
+        if not isinstance(self.device, str) or not self.device:
+            raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers `report_to` names, in order ("none" / empty: none)."""
+        names = self.report_to if isinstance(self.report_to, list) else str(self.report_to or "").split(",")
+        return [t.strip() for t in names if t.strip() and t.strip() != "none"]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

@@ -57,6 +57,10 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving a checkpoint to resume from.
     """
     ctx = distributed.init()
+    if cfg.device != "auto" and ctx.world == 1:
+        from ..models import resolve_device
+
+        ctx = replace(ctx, device=resolve_device(cfg.device))
     try:
         return _run(cfg, ctx, stream or sys.stderr)
     finally:
@@ -68,8 +72,8 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from lorakit.data import demo_paths, load_dataset
     from lorakit.models import is_quantized
 
-    from .evaluate import evaluate
-    from .prepare import prepare, save_prepared
+    from .evaluate import describe_dataset, evaluate
+    from .prepare import prepare, save_prepared, use_chat_template
 
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
@@ -78,6 +82,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
     prepared = prepare(cfg)
     model, tokenizer = prepared.model, prepared.tokenizer
+    use_chat_template(prepared, cfg.chat_template)
     if not is_quantized(model):
         model.to(ctx.device)
     train_path, eval_path = cfg.data, cfg.eval_data
@@ -92,13 +97,15 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     counts = adapters.trainable_parameters(model)
     for note in prepared.notes:
         say(note)
-    say(f"data {train_path}: {len(train.examples)} examples ({train.format})" + _skipped(train))
+    say(f"data {train_path}: {describe_dataset(train)}" + _skipped(train))
 
     # 2. Held-out metrics before training (the adapter starts as the identity: B = 0).
     before = None
     # Exact match needs no more new tokens than the longest reference answer (+ a margin for its end).
     max_new = min(256, max((_loss_tokens(ex) for ex in held_out.examples), default=0) + 4) if held_out else 0
-    evaluate = functools.partial(evaluate, batch_size=cfg.batch_size, max_new_tokens=max_new)
+    evaluate = functools.partial(
+        evaluate, batch_size=cfg.batch_size, max_new_tokens=max_new, progress=stream if ctx.is_main else None
+    )
     if held_out is not None and ctx.is_main:
         before = evaluate(model, tokenizer, held_out)
         say(f"before: {_fmt(before)}  ({eval_path}, {len(held_out.examples)} rows)")
@@ -116,7 +123,8 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         if after is not None:
             say(f"after:  {_fmt(after)}")
         save_prepared(prepared, output)
-        replace(cfg, resume=False).save(output / "train_config.yaml")
+        _save_system_prompt(train, output)
+        replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
         results = {
             "before": before,
             "after": after,
@@ -397,6 +405,17 @@ def _seed(seed: int) -> None:
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def _save_system_prompt(train, output: Path) -> None:
+    """`system_prompt.txt` beside the adapter when every training row shares one (generate uses it)."""
+    from .run_defaults import SYSTEM_NAME, common_system
+
+    system = common_system(train.rows, train.format)
+    if system is not None:
+        write_text(output / SYSTEM_NAME, system)
+    else:
+        (output / SYSTEM_NAME).unlink(missing_ok=True)  # an overwritten run's prompt is not this run's
 
 
 def _write_json(path: Path, data: dict) -> None:

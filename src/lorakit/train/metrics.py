@@ -101,6 +101,33 @@ class Progress:
             self.open_line = False
 
 
+class RowProgress:
+    """`label: done/total rows  ETA m:ss`, rewritten in place on a terminal; elsewhere a line at each tenth."""
+
+    def __init__(self, total: int, label: str, stream: TextIO):
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.shown = 0  # tenths already printed (not a terminal)
+
+    def update(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        line = f"{self.label}: {done}/{self.total} rows  {elapsed:.0f} s  ETA {_duration(eta)}"
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        elif done * 10 // max(1, self.total) > self.shown or done == self.total:
+            self.shown = done * 10 // max(1, self.total)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the line on a terminal (the caller's next line starts clean)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
     """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw."""
     records = read(metrics_path)
