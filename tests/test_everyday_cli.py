@@ -43,9 +43,9 @@ def test_fingerprint_message_names_the_flag_and_the_flag_loads(run_dirs, capsys,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
     assert main(["merge", *common, "--output", str(tmp_path / "m")]) == 1
     assert main(["merge", *common, "--output", str(tmp_path / "m"), "--ignore-fingerprint"]) == 0
-    from lorakit.serve.commands import register  # serve takes the flag too
-
     import argparse
+
+    from lorakit.serve.commands import register  # serve takes the flag too
 
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
@@ -94,7 +94,10 @@ def test_text_data_described_as_documents_tokens_blocks(tmp_path):
     tok = tiny_tokenizer()
     ds = load_dataset(_text_data(tmp_path / "t.jsonl"), tok, mode="cpt", max_len=16)
     tokens = sum(len(e.input_ids) for e in ds.examples)
-    assert describe_dataset(ds) == f"5 documents, {tokens:,} tokens in {len(ds.examples)} blocks of up to 16 tokens (text)"
+    assert (
+        describe_dataset(ds)
+        == f"5 documents, {tokens:,} tokens in {len(ds.examples)} blocks of up to 16 tokens (text)"
+    )
     assert len(ds.examples) > 5
 
 
@@ -111,13 +114,20 @@ def test_eval_takes_max_len_and_mode_from_the_runs_train_config(run_dirs, capsys
     model, tok = load_model(str(base), adapter=adapter)
     want = evaluate(model, tok, load_dataset(text, tok, mode="cpt", max_len=16))
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6) and got["n"] == want["n"]
-    assert got["loss"] != pytest.approx(evaluate(model, tok, load_dataset(text, tok, mode="cpt"))["loss"], rel=1e-6)
+    assert got["loss"] != pytest.approx(
+        evaluate(model, tok, load_dataset(text, tok, mode="cpt"))["loss"], rel=1e-6
+    )
     # Not JSON: it says where the defaults came from; a flag still wins.
     assert main(["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(text)]) == 0
     captured = capsys.readouterr()
     assert "train_config.yaml: --max-len 16, --mode cpt" in captured.err
     assert "blocks of up to 16 tokens" in captured.out
-    assert main(["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(text), "--max-len", "32"]) == 0
+    assert (
+        main(
+            ["eval", "--model", str(base), "--adapter", str(adapter), "--data", str(text), "--max-len", "32"]
+        )
+        == 0
+    )
     assert "blocks of up to 32 tokens" in capsys.readouterr().out
 
 
@@ -160,7 +170,11 @@ def test_help_shows_defaults_and_documents_eval_options(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--batch-size BATCH_SIZE rows", "--max-len MAX_LEN tokens", "--max-new-tokens MAX_NEW_TOKENS most"):
+    for flag in (
+        "--batch-size BATCH_SIZE rows",
+        "--max-len MAX_LEN tokens",
+        "--max-new-tokens MAX_NEW_TOKENS most",
+    ):
         assert flag in out, flag
 
 
