@@ -32,7 +32,7 @@ import torch
 from ..atomic import write_text
 from ..data import collate
 from ..losses import causal_lm_loss
-from . import checkpoint, distributed
+from . import checkpoint, distributed, tracking
 from .config import TrainConfig
 from .metrics import MetricsLog, Progress, plot_loss
 
@@ -110,7 +110,9 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         before = evaluate(model, tokenizer, held_out)
         say(f"before: {_fmt(before)}  ({eval_path}, {len(held_out.examples)} rows)")
 
-    # 3. Train.
+    # 3. Train (records also go to the --report-to trackers).
+    if ctx.is_main:
+        tracking.start(cfg, output)
     fitted = fit(
         model, train.examples, cfg, pad_id=_pad_id(tokenizer),
         eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
@@ -136,6 +138,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
             "config": cfg.to_dict(),
         }
         _write_json(output / "results.json", results)
+        tracking.finish(results)
         plot_loss(output / "metrics.jsonl", output / "loss.png")
         checkpoint.remove(output)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")

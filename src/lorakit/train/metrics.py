@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..atomic import save_figure, write_text
+from . import tracking
 
 
 class MetricsLog:
@@ -36,6 +37,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.forward(record)  # the same record to --report-to trackers (none: a no-op)
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:
