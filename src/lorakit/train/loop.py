@@ -90,8 +90,9 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         train_path, demo_eval = demo_paths()
         eval_path = eval_path or demo_eval
     load = functools.partial(
-        load_dataset, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows
-    )
+        load_dataset, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows,
+        truncate=cfg.truncate,
+    )  # fmt: skip
     train = load(train_path)
     held_out = load(eval_path) if eval_path else None
     counts = adapters.trainable_parameters(model)
@@ -433,7 +434,9 @@ def _fmt(metrics: dict) -> str:
 
 
 def _skipped(dataset) -> str:
-    return f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else ""
+    cut = getattr(dataset, "truncated", 0)
+    truncated = f", {cut} rows longer than --max-len truncated to it" if cut else ""
+    return (f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else "") + truncated
 
 
 def _say(stream: TextIO, text: str) -> None:
