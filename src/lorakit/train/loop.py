@@ -32,7 +32,7 @@ import torch
 from ..atomic import write_text
 from ..data import collate
 from ..losses import causal_lm_loss
-from . import checkpoint, distributed, tracking
+from . import checkpoint, distributed, optim, tracking
 from .config import TrainConfig
 from .metrics import MetricsLog, Progress, plot_loss
 
@@ -194,7 +194,7 @@ def fit(
     warmup = round(cfg.warmup * total)
     loss_tokens = [_loss_tokens(ex) for ex in examples]
     row_tokens = [len(ex.input_ids) for ex in examples]
-    optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = optim.build(params, cfg)  # --optimizer, LoRA+ param groups
 
     # Start fresh, or from the newest checkpoint with --resume.
     start, tokens_before, seconds_before = 0, 0, 0.0
@@ -203,6 +203,7 @@ def fit(
         ckpt = checkpoint.load(found)
         checkpoint.check_config(ckpt, cfg.to_dict(), global_batch)
         checkpoint.restore(ckpt, params, optimizer, ctx.rank)
+        optim.after_restore(optimizer)
         start, tokens_before, seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
         say(f"resuming from {found} (step {start}/{total})")
     elif found is not None:
@@ -219,7 +220,7 @@ def fit(
     log = MetricsLog(output / "metrics.jsonl", resume_step=start if start else None) if ctx.is_main else None
     say(
         f"training {total} steps of {global_batch} rows ({bs} x {accum} accumulation x {ctx.world} "
-        f"process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, warmup {warmup} steps"
+        f"process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, warmup {warmup} steps" + optim.describe(cfg)
     )
 
     def save_checkpoint(done: int) -> Path:
@@ -242,9 +243,8 @@ def fit(
             rows = step_rows(step, n, global_batch, cfg.seed)
             n_loss = max(1, sum(loss_tokens[i] for i in rows))
             mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
-            lr = cfg.lr * lr_factor(step, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = cfg.lr * optim.lr_factor(step, total, warmup, cfg.scheduler)
+            optim.set_lr(optimizer, lr)
 
             # Forward + backward over the micro-batches; gradients add up in .grad.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -316,15 +316,9 @@ def fit(
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to 0.
-
-    Warmup: (step + 1) / warmup for step < warmup, so no step has lr 0. Cosine over the remaining steps:
-    0.5 · (1 + cos(pi · (step - warmup) / (total - warmup))), 1 at the first step after warmup.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to 0
+    (`optim.lr_factor` with the default schedule; see there)."""
+    return optim.lr_factor(step, total, warmup, "cosine")
 
 
 def step_rows(step: int, n: int, global_batch: int, seed: int) -> list[int]:
