@@ -140,7 +140,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         }
         _write_json(output / "results.json", results)
         tracking.finish(results)
-        plot_loss(output / "metrics.jsonl", output / "loss.png")
+        plot_loss(output / "metrics.jsonl", output / "loss.png", before=(before or {}).get("loss"))
         checkpoint.remove(output)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
     distributed.barrier(ctx)
