@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import functional as LF
 from .config import LoraConfig
 from .fingerprint import combine, weight_digest
+from .inits import RESIDUAL_INITS, residual_factors
 from .inject import find_modules, find_targets, model_modules
 from .layers import (
     LinearLike,
@@ -112,11 +112,11 @@ def add_adapter(
             f"modules {sorted(set(saved) & set(targets))} are both LoRA targets and modules_to_save"
         )
     token_plan = _token_plan(model, config)
-    for n in targets if config.use_dora or config.init == "pissa" else []:
+    for n in targets if config.use_dora or config.init in RESIDUAL_INITS else []:
         module = model.get_submodule(n)
         cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
         if not issubclass(cls, LinearLike):
-            what = "use_dora" if config.use_dora else "init='pissa'"
+            what = "use_dora" if config.use_dora else f"init={config.init!r}"
             raise ValueError(f"{what}: module {n!r} is a {type(module).__name__}; it needs Linear or Conv1D")
 
     adapter = Adapter(name, config)
@@ -150,14 +150,14 @@ def _add_lora(model: nn.Module, module_name: str, name: str, config: LoraConfig)
     _replace(model, module_name, layer)
     r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
     w = layer.add_lora(name, r, alpha, config.dropout, config.use_rslora, config.use_dora, config.init)
-    if config.init == "pissa":
+    if config.init in RESIDUAL_INITS:  # pissa, olora, loftq: A, B from W, and W changed (lorakit.inits)
         with torch.no_grad():
-            A, B, W_res = LF.pissa_factors(layer._weight_out_in(), r, w.scale)
+            A, B, W_res, keep_init = residual_factors(config.init, layer._weight_out_in(), r, w.scale)
             w.A.copy_(A)
             w.B.copy_(B)
             layer._set_weight_out_in(W_res)
-            # The initial factors: saving as plain LoRA needs ΔW - ΔW₀ (see io.pissa_to_lora).
-            w.pissa_init = (A.clone(), B.clone())
+            if keep_init:  # saving as plain LoRA needs ΔW - ΔW₀ (see io.pissa_to_lora)
+                w.pissa_init = (A.clone(), B.clone())
 
 
 def _token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:
