@@ -94,3 +94,18 @@ def test_residual_inits_refused_with_dora_and_saved_as_default(tmp_path):
         lorakit.LoraConfig.from_peft_dict({**cfg.to_peft_dict(), "init_lora_weights": "loftq"}).init
         == "default"
     )
+
+
+def test_train_init_option(tmp_path):
+    from conftest import tiny_tokenizer
+    from lorakit.train import TrainConfig
+    from lorakit.train.prepare import prepare
+
+    tok = tiny_tokenizer()
+    tiny_llama(vocab=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    p = prepare(TrainConfig(model=str(tmp_path), rank=2, targets="q_proj", init="olora"))
+    layer = p.model.model.layers[0].self_attn.q_proj
+    assert p.lora_config.init == "olora" and layer.lora["default"].B.abs().sum() > 0  # B = Q, not zeros
+    with pytest.raises(ValueError, match="--init loftq .* drop --quantize"):
+        TrainConfig(init="loftq", quantize="4bit")

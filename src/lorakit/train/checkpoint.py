@@ -39,7 +39,7 @@ MUST_MATCH = (
     "train_embeddings", "new_tokens", "skip_bad_rows", "dtype",
 )  # fmt: skip
 # The optimizer's state only loads into the same optimizer and groups; the data must be encoded the same way.
-MUST_MATCH += ("optimizer", "lora_plus_ratio", "truncate", "chat_template")
+MUST_MATCH += ("optimizer", "lora_plus_ratio", "truncate", "chat_template", "init")
 
 
 @dataclass

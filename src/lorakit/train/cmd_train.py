@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import INIT_METHODS
 from .config import MODES, OPTIMIZERS, QUANTIZE, SCHEDULERS, TRACKERS, TrainConfig
 
 
@@ -85,6 +86,9 @@ def add_everyday_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
     g.add_argument("--scheduler", choices=SCHEDULERS, help="the lr after warmup")
     g.add_argument("--lora-plus-ratio", type=float, metavar="RATIO", help="LoRA+: B's lr = lr x RATIO")
+    g.add_argument(
+        "--init", choices=INIT_METHODS, help="adapter init; pissa / olora / loftq derive A, B from W"
+    )
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:

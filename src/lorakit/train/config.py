@@ -46,6 +46,7 @@ class TrainConfig:
         optimizer: adamw, adamw8bit (bitsandbytes), sgd (momentum 0.9) or adafactor.
         scheduler: after warmup, cosine to 0, linear to 0, or constant.
         lora_plus_ratio: LoRA+: the B matrices train at lr x this ratio (None: off; 16 is the paper's).
+        init: the adapter init (LoraConfig.init: default, gaussian, pissa, olora, loftq; see lorakit.inits).
     """
 
     model: str = "default"
@@ -87,6 +88,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     scheduler: str = "cosine"
     lora_plus_ratio: float | None = None
+    init: str = "default"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +143,16 @@ class TrainConfig:
         unknown = [t for t in self.trackers() if t not in TRACKERS]
         if unknown:
             raise bad("report_to", f"a comma-separated list of {TRACKERS} (unknown: {unknown})")
+        from ..config import INIT_METHODS
+
+        if self.init not in INIT_METHODS:
+            raise bad("init", f"one of {INIT_METHODS}")
+        if self.init == "loftq" and self.quantize != "none":
+            raise ValueError(
+                "--init loftq replaces the full-precision base weights by NF4 values and fits the adapter to "
+                "the quantization error, so it needs the unquantized base: drop --quantize (the trained adapter "
+                "then belongs to the base quantized with --quantize 4bit, which reproduces those NF4 values)"
+            )
         if not isinstance(self.device, str) or not self.device:
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 

@@ -95,6 +95,7 @@ def prepare(
         dropout=cfg.dropout,
         targets=parse_targets(cfg.targets),
         base_model_name_or_path=str(cfg.model),
+        init=cfg.init,
         **extra,
     )
     if cfg.quantize != "none":
