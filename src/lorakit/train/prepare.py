@@ -115,11 +115,14 @@ def save_prepared(prepared: Prepared, output_dir: str | os.PathLike) -> Path:
     out = save_adapter(prepared.model, output_dir)
     if prepared.new_token_ids:
         save_tokenizer(prepared.tokenizer, out)
+    from ..data.templates import SAVED_NAME
+
     if prepared.chat_template is not None:
         from ..atomic import write_text
-        from ..data.templates import SAVED_NAME
 
         write_text(out / SAVED_NAME, prepared.chat_template)
+    else:
+        (out / SAVED_NAME).unlink(missing_ok=True)  # an overwritten run's template is not this run's
     return out
 
 
