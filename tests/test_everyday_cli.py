@@ -250,3 +250,18 @@ def test_written_safetensors_follow_the_umask(run_dirs, tmp_path, mask):
     assert mode(tmp_path / "saved" / "adapter_model.safetensors") == 0o666 & ~mask
     assert mode(tmp_path / "merged" / "model.safetensors") == 0o666 & ~mask
     assert mode(tmp_path / "merged") == 0o777 & ~mask
+
+
+@pytest.mark.slow
+def test_cached_default_model_follows_the_umask(tmp_path, monkeypatch):
+    from lorakit.models import converted_gguf, default_gguf_path
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        out = converted_gguf(default_gguf_path())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    assert (out / "model.safetensors").is_file()
