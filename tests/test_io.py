@@ -222,11 +222,12 @@ BAD = {
     ),
     "missing-module-tensors": (
         lambda p: _edit_tensors(p, lambda t: [t.pop(k) for k in list(t) if "layers.1.self_attn.v_proj" in k]),
-        r"no LoRA tensors for modules \['model\.layers\.1\.self_attn\.v_proj'\]",
+        r"no LoRA tensors for 1 modules .*\(e\.g\. model\.layers\.1\.self_attn\.v_proj\)",
     ),
     "no-such-module": (
         lambda p: _edit_tensors(p, lambda t: t.update({k.replace("layers.1.", "layers.7."): t.pop(k) for k in list(t) if "layers.1." in k})),
-        r"names module 'model\.layers\.7\.self_attn\.(q|v)_proj', which this model does not have",
+        r"made for a different base model \(2 of its modules are missing from this model, e\.g\. "
+        r"model\.layers\.7\.self_attn\.q_proj, model\.layers\.7\.self_attn\.v_proj\)",
     ),
     "integer-dtype": (
         lambda p: _edit_tensors(p, lambda t: t.update({f"{Q0}.lora_A.weight": torch.zeros(4, 32, dtype=torch.int32)})),

@@ -212,7 +212,7 @@ def test_dora_refused_on_embedding_with_module_name():
         ("r", -3, "positive integer"),
         ("alpha", float("nan"), "LoraConfig.alpha"),
         ("dropout", 1.0, "LoraConfig.dropout"),
-        ("init", "olora", "LoraConfig.init"),
+        ("init", "eva", "LoraConfig.init"),
         ("bias", "some", "LoraConfig.bias"),
         ("targets", "(", "not a valid regex"),
         ("rank_pattern", {"q_proj": 0}, "rank_pattern"),

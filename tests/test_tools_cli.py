@@ -149,7 +149,10 @@ def test_refusals(tmp_path, capsys):
             "2 weights for 1 adapters",
         ),
         (["combine", tmp_path / "a", "--method", "svd", "-o", tmp_path / "o"], "needs --rank"),
-        (["combine", tmp_path / "a", "--rank", "2", "-o", tmp_path / "o"], "svd only"),
+        (
+            ["combine", tmp_path / "a", "--rank", "2", "-o", tmp_path / "o"],
+            "svd and the task-arithmetic methods only",
+        ),
         (["resize", tmp_path / "a", "--rank", "0", "-o", tmp_path / "o"], "positive integer"),
         (["resize", tmp_path / "a", "--rank", "2", "-o", tmp_path / "a"], "is an input adapter"),
         (["resize", tmp_path / "a", "--rank", "2", "-o", tmp_path / "saved"], "pass --overwrite"),

@@ -6,22 +6,24 @@ lorakit.add_adapter(model, cfg)                 # in place; base weights frozen
 lorakit.save_adapter(model, "out/")             # PEFT's on-disk format
 """
 
-from .adapters import (
-    Adapter,
-    ParamCount,
-    active_adapters,
-    adapter_records,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    get_adapter,
-    set_adapter,
-    trainable_parameters,
-)
-from .config import LoraConfig
-from .io import AdapterFileError, load_adapter, save_adapter
-from .merge import is_merged, merge, unload, unmerge
-from .slots import RowSlots, per_row_adapters
+from ._lazy import attach
+
+# The public names load their modules on first use (PEP 562), so `lorakit --help` and `import lorakit` do
+# not pay for importing torch / transformers until something needs them.
+_LAZY = {
+    **dict.fromkeys(
+        ("Adapter", "ParamCount", "active_adapters", "adapter_records", "add_adapter", "delete_adapter",
+         "disable_adapters", "get_adapter", "set_adapter", "trainable_parameters"),
+        "adapters",
+    ),
+    "LoraConfig": "config",
+    **dict.fromkeys(("RowSlots", "per_row_adapters"), "slots"),
+    **dict.fromkeys(("AdapterFileError", "load_adapter", "save_adapter"), "io"),
+    **dict.fromkeys(("is_merged", "merge", "unload", "unmerge"), "merge"),
+}  # fmt: skip
+
+
+attach(__name__, _LAZY)
 
 __version__ = "0.1.0"
 

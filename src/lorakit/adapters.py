@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import functional as LF
 from .config import LoraConfig
 from .fast.fused import CROSS_ATTENTION_NAMES, FUSED_SETS, FusedGroup
 from .fingerprint import combine, weight_digest
+from .inits import RESIDUAL_INITS, residual_factors
 from .inject import find_modules, find_targets, model_modules, tied_heads
 from .layers import LinearLike, LoraLayer, lora_class_for, unwrap, wrap
 from .saved import SavedModule, unwrap_saved, wrap_saved
@@ -141,11 +141,11 @@ def _check_fits(model: nn.Module, targets: list[str], saved: list[str], config: 
     """Raise ValueError (model untouched) for a variant or init that needs Linear / Conv1D on another layer
     kind, or a modules_to_save entry that is already a LoRA layer."""
     linear_only = variant_for(config.use_dora).linear_only
-    for path in targets if linear_only or config.init == "pissa" else []:
+    for path in targets if linear_only or config.init in RESIDUAL_INITS else []:
         module = model.get_submodule(path)
         cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
         if not issubclass(cls, LinearLike):
-            what = "use_dora" if config.use_dora else "init='pissa'"
+            what = "use_dora" if config.use_dora else f"init={config.init!r}"
             raise ValueError(
                 f"{what}: module {path!r} is a {type(module).__name__}; it needs Linear or Conv1D"
             )
@@ -160,14 +160,14 @@ def _add_lora(model: nn.Module, module_path: str, name: str, config: LoraConfig)
     r, alpha = config.rank_for(module_path), config.alpha_for(module_path)
     variant = variant_for(config.use_dora)
     w = layer.add_lora(name, r, alpha, config.dropout, config.use_rslora, init=config.init, variant=variant)
-    if config.init == "pissa":
+    if config.init in RESIDUAL_INITS:  # pissa, olora, loftq: A, B from W, and W changed (lorakit.inits)
         with torch.no_grad():
-            A, B, W_res = LF.pissa_factors(layer._weight_out_in(), r, w.scale)
+            A, B, W_res, keep_init = residual_factors(config.init, layer._weight_out_in(), r, w.scale)
             w.A.copy_(A)
             w.B.copy_(B)
             layer._set_weight_out_in(W_res)
-            # The initial factors: saving as plain LoRA needs ΔW - ΔW₀ (see io.pissa_to_lora).
-            w.pissa_init = (A.clone(), B.clone())
+            if keep_init:  # saving as plain LoRA needs ΔW - ΔW₀ (see io.pissa_to_lora)
+                w.pissa_init = (A.clone(), B.clone())
 
 
 def token_plan(model: nn.Module, config: LoraConfig) -> dict[str, list[int]]:

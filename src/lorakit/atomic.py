@@ -85,6 +85,7 @@ def write_dir(target: str | os.PathLike, fill: Callable[[Path], None], overwrite
     tmp.mkdir()
     try:
         fill(tmp)
+        follow_umask(tmp)  # safetensors' save_file writes 0600: give the tree what the umask gives new files
         _fsync_tree(tmp)
         if overwrite and target.exists():
             _swap_in(tmp, target)
@@ -126,6 +127,7 @@ def replace_files(dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
                 raise ValueError(
                     f"replace_files: {f.name!r} is not a plain file; only flat files are replaced"
                 )
+            follow_umask(f)
         _fsync_tree(stage)
         for _ in range(100):
             try:
@@ -309,3 +311,35 @@ def _fsync_tree(root: Path) -> None:
             if not p.is_symlink():
                 _fsync(p)
         _fsync_dir(Path(dirpath))
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (a brief window other threads could observe)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a directory and everything inside it) the modes a plain open() / mkdir would:
+    0o666 / 0o777 minus the umask (0644 / 0755 under umask 022).
+
+    Why: safetensors' save_file writes through a temporary file created 0600, and tempfile.mkdtemp makes 0700
+    directories; renamed into place, they would stay unreadable to a teammate or a serving user.
+    """
+    mask = umask()
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for sub in path.rglob("*"):
+            if not sub.is_symlink():
+                os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)

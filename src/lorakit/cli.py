@@ -7,6 +7,7 @@ calling the library.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
@@ -35,11 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown flag of a subcommand is reported with that subcommand's usage and the
+    closest flag it has (argparse reports it with the top-level usage and no hint)."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    command = _subparsers(parser).get(getattr(args, "command", None) or "")
+    target = command or parser
+    flags = [s for a in target._actions for s in a.option_strings if s.startswith("--")]
+    hints = []
+    for arg in extra:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        if arg.startswith("-") and close:
+            hints.append(f"{arg} (did you mean {close[0]}?)")
+        else:
+            hints.append(arg)
+    target.error(f"unrecognized arguments: {' '.join(hints)}")
+    raise AssertionError("unreachable: error() exits")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     # The CLI never downloads (models.load_model passes local_files_only): no hub calls from this process.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

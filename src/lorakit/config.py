@@ -13,7 +13,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-INIT_METHODS = ("default", "gaussian", "pissa", "zeros")
+INIT_METHODS = ("default", "gaussian", "pissa", "zeros", "olora", "loftq")
+# Inits that derive A, B from the base weight and change it (lorakit.inits): they only run when adding a new
+# adapter; a saved one loads as "default" (its tensors are what counts).
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
 BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -35,7 +38,9 @@ class LoraConfig:
         use_rslora: scale by alpha / sqrt(r).
         use_dora: DoRA (weight-decomposed LoRA), Linear and Conv1D only.
         init: "default" (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), "zeros" (both 0),
-            "pissa" (A, B from the top-r SVD of W; W keeps the residual so the output is unchanged).
+            "pissa" (A, B from the top-r SVD of W; W keeps the residual so the output is unchanged), "olora"
+            (A, B from the QR decomposition of W, W keeps the residual), "loftq" (for a base then quantized
+            to NF4: W becomes NF4 values, A, B the best rank-r fit of the quantization error); lorakit.inits.
         bias: "none", "all" (every bias of the model trains) or "lora_only" (biases of adapted modules train).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head).
         trainable_token_indices: embedding rows to train, e.g. new tokens: a list of ids (for the input
@@ -106,7 +111,7 @@ class LoraConfig:
             raise bad("init", self.init, f"one of {INIT_METHODS}")
         if self.bias not in BIAS_MODES:
             raise bad("bias", self.bias, f"one of {BIAS_MODES}")
-        if self.init == "pissa" and self.use_dora:
+        if self.init in RESIDUAL_INITS and self.use_dora:
             raise bad("init", self.init, "'default' or 'gaussian' with use_dora=True")
 
     # -- per-module values ----------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ class LoraConfig:
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
             # A PiSSA adapter is saved converted to plain LoRA, so a loader must not re-run the SVD.
-            "init_lora_weights": True if init == "pissa" else init,
+            "init_lora_weights": True if init in RESIDUAL_INITS else init,
             "bias": self.bias,
             "lora_bias": False,
             "modules_to_save": self.modules_to_save,
@@ -199,7 +204,7 @@ class LoraConfig:
                 layers_pattern=data.get("layers_pattern"),
                 use_rslora=_flag(data, "use_rslora"),
                 use_dora=_flag(data, "use_dora"),
-                init="default" if init == "pissa" else init,
+                init="default" if init in RESIDUAL_INITS else init,
                 bias=data.get("bias", "none"),
                 modules_to_save=data.get("modules_to_save"),
                 trainable_token_indices=data.get("trainable_token_indices"),

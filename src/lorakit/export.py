@@ -32,6 +32,7 @@ def export_merged(
     quantize: str = "none",
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
+    ignore_fingerprint: bool = False,
 ) -> MergeReport:
     """Merge `adapter` into base `model` and save the result as a plain model directory, atomically.
 
@@ -45,6 +46,7 @@ def export_merged(
             the weights are then dequantized before merging.
         dtype: the dtype the merge is computed and saved in (default float32).
         overwrite: replace an existing `output` directory.
+        ignore_fingerprint: merge even when the adapter's base fingerprint differs from `model`'s.
 
     Raises:
         ValueError: `output` exists (and `overwrite` is False), or the merged weights hold NaN / inf
@@ -70,7 +72,7 @@ def export_merged(
                 delattr(holder, "quantization_config")
     # The fingerprint was taken on float (or, for QLoRA, on no) weights; dequantized NF4 / int8 weights are
     # not those bit for bit, so the check is skipped only in that case.
-    tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized)
+    tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized or ignore_fingerprint)
     merged = unload(base, merge=True).to(torch_dtype)
     merged.config.dtype = torch_dtype
 

@@ -76,6 +76,7 @@ def load_model(
     quantize: str = "none",
     device: str | torch.device | None = None,
     adapter: str | os.PathLike | None = None,
+    ignore_fingerprint: bool = False,
 ):
     """Load a causal LM and its tokenizer from local files only, optionally with a saved adapter on it.
 
@@ -85,10 +86,11 @@ def load_model(
         dtype: parameter dtype (a torch dtype or a name like "bf16"); None keeps the checkpoint's (fp32 for GGUF).
         quantize: "none", "4bit" (NF4) or "8bit": Linear layers quantized by bitsandbytes (CPU needs >= 0.47).
             The output head and embeddings stay in full precision.
-        device: where to put the model ("cpu", "cuda", ...); None: CPU.
+        device: where to put the model ("cpu", "cuda", ..., "auto": CUDA when available); None: CPU.
         adapter: an adapter directory to load as adapter "default" (active). When it holds tokenizer files
             (the vocabulary was extended), that tokenizer is used and the embeddings grow exactly as
             `lorakit.train.prepare` grew them (lorakit.vocab), so the base fingerprint matches.
+        ignore_fingerprint: load the adapter even when its base fingerprint differs from this model's.
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -103,6 +105,7 @@ def load_model(
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r} is invalid: expected one of {QUANTIZE}")
     torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device) if device is not None else None
     path = model_dir(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,10 +121,28 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
-        tokenizer = _with_adapter(model, tokenizer, adapter)
+        tokenizer = _with_adapter(model, tokenizer, adapter, ignore_fingerprint)
     if device is not None and quantize == "none":
         model.to(device)
     return model.eval(), tokenizer
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """A torch device from `--device`: "auto" (or None) is CUDA when available, else CPU; others as given.
+
+    Raises:
+        ValueError: a string torch does not read as a device.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device {device!r} is invalid: expected auto, cpu, cuda or cuda:N ({err})"
+        ) from err
 
 
 def _with_adapter(model, tokenizer, adapter: str | os.PathLike, ignore_fingerprint: bool = False):
@@ -165,6 +186,11 @@ def model_dir(spec: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"{path}: expected a model directory or a .gguf file, got another kind of file"
         )
+    if _looks_like_path(spec):
+        raise FileNotFoundError(
+            f"model path {spec!r} not found ({path.absolute()}): no such file or directory; expected a local "
+            "model directory or a .gguf file"
+        )
     raise FileNotFoundError(
         f"model {spec!r} not found: expected 'default', a local model directory or a .gguf file. lorakit never "
         "downloads models; if this is a hub id, download it first (e.g. `huggingface-cli download "
@@ -190,6 +216,12 @@ def _check_safetensors(path: Path) -> None:
             "can run code); convert them to model.safetensors in a trusted environment first"
         )
     raise FileNotFoundError(f"{path}: no model weights (*.safetensors) in this directory")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that can only be a file system path, never a hub id ("owner/name"): it starts with ., / or ~,
+    names a .gguf file, or has more than one slash."""
+    return spec.startswith((".", "/", "~", os.sep)) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
 def converted_gguf(gguf: Path) -> Path:

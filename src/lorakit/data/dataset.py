@@ -28,13 +28,19 @@ class Dataset:
     skipped: int
     path: str
     skipped_reasons: list[str] = field(default_factory=list)
+    truncated: int = 0  # SFT rows cut to max_len (truncate=True)
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
 def load_dataset(
-    path: str | os.PathLike, tokenizer, mode: str = "sft", max_len: int = 512, skip_bad_rows: bool = False
+    path: str | os.PathLike,
+    tokenizer,
+    mode: str = "sft",
+    max_len: int = 512,
+    skip_bad_rows: bool = False,
+    truncate: bool = False,
 ) -> Dataset:
     """Read and tokenize a JSONL / CSV / Parquet file. The format is detected from the file's first row.
 
@@ -43,8 +49,11 @@ def load_dataset(
         tokenizer: a Hugging Face tokenizer (a chat template is needed for "messages" rows).
         mode: "sft" for "messages" or "prompt"/"completion" rows (loss on answers only), "cpt" for "text" rows
             (packed into blocks of `max_len`, loss on every token).
-        max_len: the longest SFT row in tokens, or the CPT block length. A longer SFT row is never truncated.
+        max_len: the longest SFT row in tokens, or the CPT block length. A longer SFT row is an error naming
+            every too-long row (their count and the first few FILE:LINE), unless `truncate` or `skip_bad_rows`.
         skip_bad_rows: skip and count bad or too long rows instead of raising at the first.
+        truncate: cut SFT rows longer than `max_len` to their first `max_len` tokens (counted in `truncated`;
+            the loss covers the answer tokens that remain).
 
     Raises:
         FileNotFoundError: no such file.
@@ -60,6 +69,8 @@ def load_dataset(
     rows: list[dict] = []
     examples: list[Example] = []
     reasons: list[str] = []
+    too_long: list[tuple[str, int]] = []  # (FILE:LINE, tokens) of SFT rows over max_len
+    truncated = 0
 
     for where, row in read_rows(path):
         found = detect_format(row) if isinstance(row, dict) else None
@@ -81,11 +92,14 @@ def load_dataset(
             check_row(row, fmt, where)
             if fmt != "text":
                 ex = encode_sft(row, fmt, tokenizer, where)
-                if len(ex.input_ids) > max_len:
-                    raise DataError(
-                        f"{where}: {len(ex.input_ids)} tokens, longer than max_len={max_len}; raise max_len or "
-                        "shorten the row (rows are never truncated)"
-                    )
+                if len(ex.input_ids) > max_len and truncate:
+                    ex = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.prompt_ids, ex.answer)
+                    truncated += 1
+                elif len(ex.input_ids) > max_len and not skip_bad_rows:
+                    too_long.append((where, len(ex.input_ids)))  # reported together after the loop
+                    continue
+                elif len(ex.input_ids) > max_len:
+                    raise DataError(f"{where}: {len(ex.input_ids)} tokens, longer than max_len={max_len}")
                 examples.append(ex)
             rows.append(row)
         except DataError as err:
@@ -93,6 +107,8 @@ def load_dataset(
                 raise
             reasons.append(str(err))
 
+    if too_long:
+        raise _too_long_error(too_long, max_len)
     if not rows:
         detail = f" ({len(reasons)} bad rows skipped; first: {reasons[0]})" if reasons else ""
         raise DataError(f"{path}: no usable rows{detail}; expected at least one")
@@ -100,7 +116,17 @@ def load_dataset(
         examples = pack_text(rows, tokenizer, max_len)
         if not examples:
             raise DataError(f"{path}: the text holds fewer than 2 tokens; nothing to train on")
-    return Dataset(examples, rows, fmt, len(reasons), path, reasons[:20])
+    return Dataset(examples, rows, fmt, len(reasons), path, reasons[:20], truncated)
+
+
+def _too_long_error(too_long: list[tuple[str, int]], max_len: int, shown: int = 5) -> DataError:
+    """One error for every SFT row over max_len: the first one's FILE:LINE leads, then the count and a few more."""
+    (where, n), others = too_long[0], too_long[1:shown]
+    listed = "".join(f", {w} ({k})" for w, k in others) + (" ..." if len(too_long) > shown else "")
+    return DataError(
+        f"{where}: {n} tokens, longer than max_len={max_len}; {len(too_long)} rows are too long ({where} ({n})"
+        f"{listed}); raise max_len, shorten them, or pass --truncate to cut them to max_len"
+    )
 
 
 def _check_mode(fmt: str, mode: str, where: str) -> None:

@@ -99,6 +99,7 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
     for k, t in files.tensors.items():
         if not t.is_floating_point():
             raise check.fail(f"tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
+    check.same_architecture()
     for k, t in files.tensors.items():
         check.assign(k, t)
     check.lora()
@@ -129,6 +130,17 @@ class _Checker:
 
     def fail(self, msg: str) -> AdapterFileError:
         return AdapterFileError(f"{self.files.weights_path}: {msg}")
+
+    def same_architecture(self) -> None:
+        """Modules the file names that this model lacks: one summary, not one error per key (an adapter of
+        another architecture names hundreds)."""
+        parsed = (keys.parse(k) for k in self.files.tensors)
+        unknown = sorted({p[0] for p in parsed if p is not None and p[0] not in self.modules})
+        if unknown:
+            raise self.fail(
+                f"this adapter was made for a different base model ({len(unknown)} of its modules are missing "
+                f"from this model, e.g. {_examples(unknown)})"
+            )
 
     def assign(self, k: str, t: Tensor) -> None:
         """Put tensor `k` in its slot of the plan, or raise for a key that fits none."""
@@ -312,6 +324,12 @@ def _token_modules(model: nn.Module, plan: dict) -> list[str]:
     return names
 
 
+def _examples(names: list[str], k: int = 3) -> str:
+    """The first `k` names, comma-separated, and how many more there are."""
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
 def _check_fingerprint(model: nn.Module, files: AdapterFiles, plan: _Plan) -> None:
     stored = files.metadata.get(FINGERPRINT_KEY)
     if not stored:
@@ -322,7 +340,7 @@ def _check_fingerprint(model: nn.Module, files: AdapterFiles, plan: _Plan) -> No
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise AdapterFileError(
             f"{files.weights_path}: this adapter was trained on a different base model (the weights of its "
-            f"target modules {shown} differ from this model's); pass ignore_fingerprint=True to load it anyway"
+            f"target modules {shown} differ from this model's); pass ignore_fingerprint=True (on the command line: --ignore-fingerprint) to load it anyway"
         )
 
 

@@ -4,8 +4,13 @@ The engine (`Engine`, `Request`) and the adapter registry are plain library code
 (`lorakit.serve.app`) needs fastapi and uvicorn (`pip install 'lorakit[serve]'`).
 """
 
-from .engine import Engine, Request
-from .registry import AdapterAccessError, AdapterConflict, AdapterRegistry, AdapterUnsupported
+from .._lazy import attach
+
+attach(
+    __name__,
+    {"Engine": "engine", "Request": "engine", **dict.fromkeys(
+        ("AdapterAccessError", "AdapterConflict", "AdapterRegistry", "AdapterUnsupported"), "registry")},
+)  # fmt: skip
 
 __all__ = [
     "AdapterAccessError",

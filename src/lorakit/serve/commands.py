@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import add_device, add_ignore_fingerprint
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -38,7 +40,8 @@ def register(sub) -> None:
                    help="longest prompt + completion (default: the model's max_position_embeddings)")  # fmt: skip
     p.add_argument("--model-name", help="the base model's name in requests (default: from --model)")
     p.add_argument("--dtype", help="parameter dtype, e.g. bf16 (default: the checkpoint's)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    add_device(p)
+    add_ignore_fingerprint(p)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     p.set_defaults(func=run)
@@ -83,6 +86,7 @@ def build(args: argparse.Namespace):
     base = args.model_name or base_name_of(args.model)
     registry = AdapterRegistry(model, base, root=args.adapter_root, max_loaded=args.max_adapters,
                                cache_bytes=int(args.adapter_cache_mb * 2**20))  # fmt: skip
+    registry.ignore_fingerprint = getattr(args, "ignore_fingerprint", False)
     for name, path in adapters.items():
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--adapter {name}={path}: no such directory")

@@ -96,6 +96,9 @@ class AdapterRegistry:
         self.loads = 0
         self.evictions = 0
         self.disk_reads = 0
+        self.ignore_fingerprint = (
+            False  # `lorakit serve --ignore-fingerprint`: load adapters of other weights
+        )
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -264,7 +267,9 @@ class AdapterRegistry:
         # ordinary trainable-kind tensor outside the server (tests, training in the same process).
         with stage(files) as staged, torch.inference_mode(False):
             try:
-                lorakit.load_adapter(self.model, staged, name=name, activate=False)
+                lorakit.load_adapter(
+                    self.model, staged, name=name, activate=False, ignore_fingerprint=self.ignore_fingerprint
+                )
             except Exception as err:  # name the user's directory, not the private copy
                 named = shown(err, staged, where)
                 if named is err:

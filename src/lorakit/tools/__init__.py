@@ -4,9 +4,10 @@
 Each lives in its own module; `commands.py` is the thin CLI. All ΔW math goes through `lorakit.functional`.
 """
 
-from .combine import combine
-from .convert import convert
-from .inspect import inspect_adapter
-from .resize import resize
+from .._lazy import attach
+
+attach(
+    __name__, {"combine": "combine", "convert": "convert", "inspect_adapter": "inspect", "resize": "resize"}
+)
 
 __all__ = ["combine", "convert", "inspect_adapter", "resize"]

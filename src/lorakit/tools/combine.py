@@ -7,6 +7,10 @@ Methods (per module; a module missing from an input contributes 0 there):
 - "svd": the best rank-K approximation of that exact sum (Eckart–Young), via `functional.delta_svd`.
 - "linear": A_C = Σ ±√|cᵢ|·Aᵢ, B_C = Σ √|cᵢ|·Bᵢ (cᵢ = wᵢ·sᵢ), equal ranks only. Approximate: B_C A_C is the
   sum plus cross terms Bᵢ Aⱼ; the relative error per module is measured and reported.
+- "ties", "dare_linear", "dare_ties", "magnitude_prune": element-wise merges of the full ΔWᵢ with `density`
+  (formulas in `tools/task_arithmetic.py`), then the best rank-K factors of the result (K = `rank`, default
+  the largest input rank); PEFT's `add_weighted_adapter` `*_svd` combination types. The reported error is
+  the rank-K truncation's, against the merged ΔW.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as LF
+from . import task_arithmetic
 from .adapter_file import (
     TARGET_KEYS,
     AdapterView,
@@ -30,8 +35,9 @@ from .adapter_file import (
     open_adapter,
     write_result,
 )
+from .inspect import natural_key
 
-METHODS = ("cat", "svd", "linear")
+METHODS = ("cat", "svd", "linear", *task_arithmetic.METHODS)
 
 
 @dataclass
@@ -58,6 +64,9 @@ def combine(
     rank: int | None = None,
     force: bool = False,
     overwrite: bool = False,
+    density: float = 0.5,
+    majority_sign: str = "total",
+    seed: int = 0,
 ) -> CombineReport:
     """Write the adapter whose ΔW is Σᵢ weights[i]·ΔWᵢ (exactly for "cat") to `output`.
 
@@ -65,6 +74,8 @@ def combine(
         srcs: adapter directories (at least one). weights: one per input, any sign (default 1.0 each).
         method: "cat", "svd" (needs `rank`) or "linear" (equal ranks).
         force: combine adapters whose base fingerprints differ (the output then carries none).
+        density / majority_sign / seed: of the task-arithmetic methods (ties, dare_*, magnitude_prune): the
+            fraction of entries kept, TIES's sign election ("total" or "frequency"), DARE's seed.
     Returns:
         CombineReport: one ModuleCombine per module of the union (name order) and notes for the user.
     Raises:
@@ -87,21 +98,35 @@ def combine(
         raise ValueError(f"combine: --method {method!r} is invalid: expected one of {METHODS}")
     if method == "svd" and (not isinstance(rank, int) or rank <= 0):
         raise ValueError("combine: --method svd needs --rank K (a positive integer)")
-    if method != "svd" and rank is not None:
+    task = method in task_arithmetic.METHODS
+    if method not in ("svd",) and not task and rank is not None:
         raise ValueError(
-            f"combine: --rank applies to --method svd only (method {method!r} sets the rank itself)"
+            f"combine: --rank applies to --method svd and the task-arithmetic methods only (method {method!r} "
+            "sets the rank itself)"
         )
+    if task and rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"combine: --rank {rank!r} is invalid: expected a positive integer")
     views = [open_adapter(s) for s in srcs]
     check_output(output, [v.path for v in views], overwrite)
     _check_combinable(views)
     notes: list[str] = []
     fingerprint = _fingerprint(views, force, notes)
 
-    names = sorted({n for v in views for n in v.modules})
+    names = sorted({n for v in views for n in v.modules}, key=natural_key)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     report = []
-    for name in names:
+    if task:
+        K = rank or max(m.r for v in views for m in v.modules.values())
+        with torch.random.fork_rng(devices=[]):  # DARE's masks: seeded, without touching the caller's RNG
+            torch.manual_seed(seed)
+            for name in names:
+                present = [(v.modules[name], w) for v, w in zip(views, weights) if name in v.modules]
+                A, B, err = _task_merge(present, method, K, density, majority_sign)
+                tensors.update(module_tensors(present[0][0], A, B, _dtype(m for m, _ in present)))
+                ranks[name] = A.shape[0]
+                report.append(ModuleCombine(name, A.shape[0], err))
+    for name in names if not task else []:
         present = [(v.modules[name], w) for v, w in zip(views, weights) if name in v.modules]
         terms = [(m.A.double(), m.B.double(), w * m.scale) for m, w in present]
         exact_A, exact_B = LF.concat_factors(terms)
@@ -199,6 +224,18 @@ def _linear(name: str, present: list[tuple[ModuleLora, float]], terms) -> tuple[
     A = sum(a * signed for (a, _, _), (_, signed) in zip(terms, splits))
     B = sum(b * root for (_, b, _), (root, _) in zip(terms, splits))
     return A, B
+
+
+def _task_merge(present, method: str, rank: int, density: float, sign_method: str):
+    """(A, B, relative error) of the rank-`rank` factors of one module's task-arithmetic merge."""
+    deltas = [LF.delta_weight(m.A.double(), m.B.double(), m.scale) for m, _ in present]
+    merged = task_arithmetic.merge_deltas(deltas, [w for _, w in present], method, density, sign_method)
+    U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+    A, B = LF.svd_factors(U, S, Vh, rank)
+    dtype = _dtype(m for m, _ in present)
+    ref = merged.norm()
+    diff = (B.to(dtype).double() @ A.to(dtype).double() - merged).norm()
+    return A, B, float(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
 
 
 def _dtype(modules) -> torch.dtype:

@@ -31,9 +31,19 @@ def register(sub) -> None:
     p.add_argument(
         "--weights", type=float, nargs="+", help="one weight per adapter, any sign (default 1 each)"
     )
-    p.add_argument("--method", choices=("cat", "svd", "linear"), default="cat",
-                   help="cat: exact, rank Σrᵢ; svd: best rank-K of the sum; linear: equal ranks, approximate")  # fmt: skip
-    p.add_argument("--rank", type=int, help="the rank K of --method svd")
+    p.add_argument("--method", choices=("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"),
+                   default="cat", help="cat: exact, rank Σrᵢ; svd: best rank-K of the sum; linear: equal ranks, "
+                   "approximate; ties / dare_linear / dare_ties / magnitude_prune: element-wise merges of the ΔWᵢ "
+                   "(PEFT's *_svd combination types), then best rank-K")  # fmt: skip
+    p.add_argument("--rank", type=int, help="the rank K of --method svd (and of ties / dare / magnitude_prune: "
+                   "default the largest input rank)")  # fmt: skip
+    p.add_argument("--density", type=float, default=0.5,
+                   help="ties / dare / magnitude_prune: the fraction of ΔW entries kept (default 0.5)")  # fmt: skip
+    p.add_argument("--majority-sign", choices=("total", "frequency"), default="total",
+                   help="ties / dare_ties: elect each entry's sign by summed values or by votes (default total)")  # fmt: skip
+    p.add_argument(
+        "--seed", type=int, default=0, help="dare_*: the seed of the random drop masks (default 0)"
+    )
     p.add_argument("--force", action="store_true", help="combine adapters with different base fingerprints")
     _output_args(p)
     p.set_defaults(func=_combine)
@@ -76,7 +86,8 @@ def _combine(args) -> int:
     from .combine import combine
 
     rep = combine(args.dirs, args.output, weights=args.weights, method=args.method, rank=args.rank,
-                  force=args.force, overwrite=args.overwrite)  # fmt: skip
+                  force=args.force, overwrite=args.overwrite, density=args.density,
+                  majority_sign=args.majority_sign, seed=args.seed)  # fmt: skip
     rows = [(r.name, str(r.rank), r.rel_error) for r in rep.modules]
     _report(args, rows, [vars(r) for r in rep.modules], rep.notes)
     return 0

@@ -4,6 +4,7 @@ with `spectrum=True`, the singular values of each ΔW = s·B·A and the rank tha
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from typing import Any
 
@@ -33,7 +34,7 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
     view = open_adapter(path)
     cfg = view.raw_config
     modules = {}
-    for name, m in view.modules.items():
+    for name, m in sorted(view.modules.items(), key=lambda item: natural_key(item[0])):
         kind = "embedding" if m.embedding else ("conv2d" if len(m.a_shape) == 4 else "linear")
         modules[name] = {
             "rank": m.r,
@@ -65,7 +66,8 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
     }
     if spectrum:
         spec = {}
-        for name, m in view.modules.items():
+        for name in modules:
+            m = view.modules[name]
             S = LF.delta_singular_values(m.A, m.B, m.scale)
             spec[name] = {
                 "singular_values": [float(x) for x in S],
@@ -76,6 +78,11 @@ def inspect_adapter(path: str | os.PathLike, spectrum: bool = False, energy: flo
         info["energy"] = energy
         info["suggested_rank"] = max(v["rank_for_energy"] for v in spec.values())
     return info
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key reading digit runs as numbers: layers.2 before layers.10 (text order puts 10..19 first)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def format_info(info: dict[str, Any]) -> str:

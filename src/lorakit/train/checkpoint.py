@@ -41,6 +41,8 @@ MUST_MATCH = (
     "model", "data", "mode", "rank", "alpha", "dropout", "targets", "max_len", "seed", "quantize",
     "train_embeddings", "new_tokens", "skip_bad_rows", "dtype",
 )  # fmt: skip
+# The optimizer's state only loads into the same optimizer and groups; the data must be encoded the same way.
+MUST_MATCH += ("optimizer", "lora_plus_ratio", "truncate", "chat_template", "init")
 
 
 @dataclass
@@ -223,9 +225,11 @@ def restore(
         for n, p in params.items():
             p.copy_(ckpt.trainable[n])
     state = optimizer.state_dict()
+    # State is indexed by position in the optimizer's param groups (LoRA+ groups reorder the parameters).
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state["state"] = {
-        i: {k: v.to(p.device) if k != "step" else v for k, v in ckpt.optimizer[n].items()}
-        for i, (n, p) in enumerate(params.items())
+        index[id(p)]: {k: v.to(p.device) if k != "step" else v for k, v in ckpt.optimizer[n].items()}
+        for n, p in params.items()
         if n in ckpt.optimizer
     }
     optimizer.load_state_dict(state)

@@ -1,9 +1,19 @@
-"""`lorakit eval`: loss, perplexity and (chat / prompt data) greedy exact match of a model + adapter."""
+"""`lorakit eval`: loss, perplexity and (chat / prompt data) greedy exact match of a model + adapter.
+
+An adapter directory written by `lorakit train` (it holds train_config.yaml) supplies the defaults of
+--max-len, --mode and --chat-template, so the loss is computed as training computed it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+
+from ..cli_args import add_device, add_ignore_fingerprint
+
+# Without a run's train_config.yaml (or for options it lacks).
+FALLBACK = {"mode": "auto", "max_len": 512, "chat_template": None}
 
 
 def register(sub) -> None:
@@ -14,13 +24,26 @@ def register(sub) -> None:
         "--data", required=True, help="JSONL / CSV / Parquet file (messages, prompt/completion or text)"
     )
     p.add_argument(
-        "--mode", choices=("auto", "sft", "cpt"), default="auto", help="auto: from the file's rows"
+        "--mode",
+        choices=("auto", "sft", "cpt"),
+        help="auto: from the file's rows (default: the run's, else auto)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget for exact match")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward / generate batch (default 8)")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        help="tokens per row (sft) or packed block (cpt) (default: the run's, else 512)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64,
+        help="most tokens generated per row for exact match; capped at the longest reference + 16 (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chat-template", metavar="FILE|NAME", help="default: the run's saved template, else the tokenizer's"
+    )
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none")
-    p.add_argument("--device", default=None)
+    add_device(p)
+    add_ignore_fingerprint(p)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object: loss, perplexity, exact_match, n"
     )
@@ -28,24 +51,36 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..data.templates import saved_template, set_chat_template
     from ..models import load_model
-    from .evaluate import evaluate
+    from .evaluate import describe_dataset, evaluate
+    from .run_defaults import fill
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
+    template_given = args.chat_template is not None
+    taken = fill(args, args.adapter, {"max_len": "max_len", "mode": "mode"}, FALLBACK)
+    if not template_given and saved_template(args.adapter):
+        args.chat_template = saved_template(args.adapter)
+        taken.append("its chat template")
+    if taken and not args.json:
+        print(f"from {args.adapter}/train_config.yaml: {', '.join(taken)}", file=sys.stderr)
     model, tokenizer = load_model(
-        args.model, quantize=args.quantize, device=args.device, adapter=args.adapter
-    )
+        args.model, quantize=args.quantize, device=args.device, adapter=args.adapter,
+        ignore_fingerprint=args.ignore_fingerprint,
+    )  # fmt: skip
+    set_chat_template(tokenizer, args.chat_template)
     dataset = load_eval_data(args.data, tokenizer, args.mode, args.max_len)
     metrics = evaluate(
-        model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-    )
+        model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        progress=None if args.json else sys.stderr,
+    )  # fmt: skip
     result = {k: metrics[k] for k in ("loss", "perplexity", "exact_match", "n")}
     if args.json:
         print(json.dumps({k: _finite(v) for k, v in result.items()}))
         return 0
     em = "n/a (text data)" if result["exact_match"] is None else f"{result['exact_match']:.3f}"
-    print(f"{dataset.path}: {result['n']} examples ({dataset.format})")
+    print(f"{dataset.path}: {describe_dataset(dataset)}")
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  exact match {em}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..cli_args import add_ignore_fingerprint
+
 
 def register(sub) -> None:
     p = sub.add_parser("merge", help="merge an adapter into its base and save a plain model directory")
@@ -16,13 +18,17 @@ def register(sub) -> None:
     )
     p.add_argument("--dtype", default="float32", help="dtype of the merge and the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_ignore_fingerprint(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..export import export_merged
 
-    report = export_merged(args.model, args.adapter, args.output, args.quantize, args.dtype, args.overwrite)
+    report = export_merged(
+        args.model, args.adapter, args.output, args.quantize, args.dtype, args.overwrite,
+        ignore_fingerprint=args.ignore_fingerprint,
+    )  # fmt: skip
     if report.dequantized:
         print(
             f"the base was quantized: dequantized it to {str(report.dtype).replace('torch.', '')}, merged, "

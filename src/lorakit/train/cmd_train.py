@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import LOSS_TYPES, MODES, QUANTIZE, TrainConfig
+from ..config import INIT_METHODS
+from .config import LOSS_TYPES, MODES, OPTIMIZERS, QUANTIZE, SCHEDULERS, TRACKERS, TrainConfig
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter (no arguments: the embedded demo on the default model)",
-        description=__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n", 1)[1]
+        + " The defaults below are those of a run with --data; without it, the demo's (lorakit.data.DEMO_DEFAULTS).",
     )
     add_train_arguments(p)
     p.set_defaults(func=main)
@@ -86,6 +88,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
     g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
     g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
+    add_everyday_arguments(p)
+    _show_defaults(p)
+
+
+def add_everyday_arguments(p: argparse.ArgumentParser) -> None:
+    """Device, overwrite, tracking, chat template, optimizer and schedule (issue 16); default None = not given."""
+    g = p.add_argument_group("device, records, chat template, optimizer")
+    g.add_argument("--device", help="auto: this process's CUDA device if any, else cpu; or cpu, cuda, cuda:N")
+    g.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace a finished run in --output"
+    )
+    g.add_argument(
+        "--report-to", metavar="T1,T2", help=f"experiment trackers, offline: {', '.join(TRACKERS)}"
+    )
+    g.add_argument("--chat-template", metavar="FILE|NAME", help="a Jinja template file or a shipped name")
+    g.add_argument("--truncate", action="store_true", default=None, help="cut SFT rows longer than --max-len")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw8bit needs bitsandbytes")
+    g.add_argument("--scheduler", choices=SCHEDULERS, help="the lr after warmup")
+    g.add_argument("--lora-plus-ratio", type=float, metavar="RATIO", help="LoRA+: B's lr = lr x RATIO")
+    g.add_argument(
+        "--init", choices=INIT_METHODS, help="adapter init; pissa / olora / loftq derive A, B from W"
+    )
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append TrainConfig's default to each option's help (the flags default to None = not given, so
+    argparse's own %(default)s would print None)."""
+    fields = TrainConfig.__dataclass_fields__
+    for action in p._actions:
+        field = fields.get(action.dest)
+        if field is None or action.help is None or field.default is None or field.default is False:
+            continue
+        action.help += f" (default {field.default})"
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
@@ -105,8 +140,10 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 def main(args: argparse.Namespace) -> int:
     from .loop import run
+    from .prepare import check_output
 
     cfg = resolve(args)
+    check_output(cfg)
     results = run(cfg)
     if not results:  # not rank 0 of a multi-process run
         return 0

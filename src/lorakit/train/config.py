@@ -13,6 +13,9 @@ from typing import Any
 MODES = ("sft", "cpt", "dpo", "orpo", "kto")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 QUANTIZE = ("none", "4bit", "8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 
 
 @dataclass
@@ -42,6 +45,15 @@ class TrainConfig:
         beta: dpo / orpo / kto: the preference strength β. loss_type: dpo: "sigmoid", "ipo" or "hinge".
         precompute_ref: dpo / kto: the reference log-probs computed once before training (adapter disabled).
         desirable_weight / undesirable_weight: kto: the weights of desirable / undesirable rows' losses.
+        device: "auto" (this process's CUDA device when there is one, else CPU), "cpu", "cuda", "cuda:1", ...
+        overwrite: replace a finished run in `output` (without it, an output holding an adapter is refused).
+        report_to: experiment trackers, comma-separated (tensorboard, mlflow, wandb, trackio), all offline.
+        chat_template: a Jinja template file or a shipped name (chatml, llama-3, ...) replacing the tokenizer's.
+        truncate: SFT rows longer than max_len are cut to it (counted) instead of refused.
+        optimizer: adamw, adamw8bit (bitsandbytes), sgd (momentum 0.9) or adafactor.
+        scheduler: after warmup, cosine to 0, linear to 0, or constant.
+        lora_plus_ratio: LoRA+: the B matrices train at lr x this ratio (None: off; 16 is the paper's).
+        init: the adapter init (LoraConfig.init: default, gaussian, pissa, olora, loftq; see lorakit.inits).
     """
 
     model: str = "default"
@@ -81,6 +93,16 @@ class TrainConfig:
     precompute_ref: bool = False
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    # everyday-use options (issue 16): device, overwrite, tracking, chat template, optimizer and schedule
+    device: str = "auto"
+    overwrite: bool = False
+    report_to: str | None = None
+    chat_template: str | None = None
+    truncate: bool = False
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    lora_plus_ratio: float | None = None
+    init: str = "default"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +153,37 @@ class TrainConfig:
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:
                 raise bad(name, "a positive number")
+        self._validate_everyday(bad)
+
+    def _validate_everyday(self, bad) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {OPTIMIZERS}")
+        if self.scheduler not in SCHEDULERS:
+            raise bad("scheduler", f"one of {SCHEDULERS}")
+        if self.lora_plus_ratio is not None and not (
+            isinstance(self.lora_plus_ratio, int | float) and self.lora_plus_ratio > 0
+        ):
+            raise bad("lora_plus_ratio", "a positive number (the B matrices' lr multiplier)")
+        unknown = [t for t in self.trackers() if t not in TRACKERS]
+        if unknown:
+            raise bad("report_to", f"a comma-separated list of {TRACKERS} (unknown: {unknown})")
+        from ..config import INIT_METHODS
+
+        if self.init not in INIT_METHODS:
+            raise bad("init", f"one of {INIT_METHODS}")
+        if self.init == "loftq" and self.quantize != "none":
+            raise ValueError(
+                "--init loftq replaces the full-precision base weights by NF4 values and fits the adapter to "
+                "the quantization error, so it needs the unquantized base: drop --quantize (the trained adapter "
+                "then belongs to the base quantized with --quantize 4bit, which reproduces those NF4 values)"
+            )
+        if not isinstance(self.device, str) or not self.device:
+            raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers `report_to` names, in order ("none" / empty: none)."""
+        names = self.report_to if isinstance(self.report_to, list) else str(self.report_to or "").split(",")
+        return [t.strip() for t in names if t.strip() and t.strip() != "none"]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

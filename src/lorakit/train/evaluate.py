@@ -14,6 +14,7 @@ import torch
 from ..data import Dataset, collate
 from ..data.formats import render
 from ..losses import causal_lm_loss
+from .metrics import RowProgress
 
 # Generation stops this many tokens after the reference's length: a longer output cannot match it (only
 # whitespace would be stripped), so decoding further only costs time.
@@ -54,9 +55,25 @@ def heldout_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int
     return (total / count if count else float("nan")), count
 
 
+def describe_dataset(dataset: Dataset) -> str:
+    """What a Dataset holds, in the user's units: rows for SFT; documents, tokens and packed blocks for text."""
+    if dataset.format == "text":
+        tokens = sum(len(ex.input_ids) for ex in dataset.examples)
+        longest = max((len(ex.input_ids) for ex in dataset.examples), default=0)
+        return (
+            f"{len(dataset.rows)} documents, {tokens:,} tokens in {len(dataset.examples)} blocks of up to "
+            f"{longest} tokens (text)"
+        )
+    return f"{len(dataset.examples)} rows ({dataset.format})"
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
+def evaluate(
+    model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 64, progress=None
+) -> dict:
     """Loss, perplexity and (for SFT data) greedy exact match of `model` on `dataset`.
+
+    `progress`: a stream (stderr) for a progress line of the exact-match generation (rows done, ETA); None: quiet.
 
     loss: the mean cross-entropy over every loss token (labels != -100) of the dataset; perplexity = exp(loss).
     exact_match: the fraction of rows whose greedy answer, generated from the row's prompt (stopped at EOS or
@@ -91,6 +108,7 @@ def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_to
                 [ex.prompt_ids for ex in dataset.examples],
                 min(max_new_tokens, budget),
                 batch_size,
+                progress=progress,
             )
             hits = [o.strip() == r.strip() for o, r in zip(outs, refs)]
             result["exact_match"] = sum(hits) / len(hits) if hits else None
@@ -102,7 +120,7 @@ def evaluate(model, tokenizer, dataset: Dataset, batch_size: int = 8, max_new_to
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 8
+    model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 8, progress=None
 ) -> list[str]:
     """Greedy answers to `prompts`, batched and left-padded, each stopped at its first EOS.
 
@@ -110,6 +128,7 @@ def generate_answers(
         prompts: each one of: a list of token ids (used as is), a list of chat messages (rendered with the chat
             template and a generation prompt), or a string (with a chat template: one user turn; else raw text).
         max_new_tokens: the most tokens generated per prompt.
+        progress: a stream for a "generating: rows done / total, ETA" line (None: quiet).
 
     Returns:
         The decoded answers (special tokens dropped), in the order of `prompts`.
@@ -123,6 +142,7 @@ def generate_answers(
         )  # similar lengths share a batch: less padding
         out: list[str] = [""] * len(ids)
         device, pad_id, eos = _device(model), _pad_id(tokenizer), _eos_ids(model, tokenizer)
+        bar = RowProgress(len(order), "exact match: generating", progress) if progress is not None else None
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(ids[i]) for i in chunk)
@@ -147,6 +167,10 @@ def generate_answers(
                 new = gen[row, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in eos), len(new))
                 out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            if bar is not None:
+                bar.update(start + len(chunk))
+        if bar is not None:
+            bar.close()
         return out
     finally:
         model.train(was_training)

@@ -33,7 +33,7 @@ import torch
 from ..atomic import write_text
 from ..data import collate
 from ..losses import causal_lm_loss
-from . import checkpoint, distributed, packing
+from . import checkpoint, distributed, optim, packing, tracking
 from .compile import compiled
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
@@ -64,6 +64,10 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving a checkpoint to resume from.
     """
     ctx = distributed.init()
+    if cfg.device != "auto" and ctx.world == 1:
+        from ..models import resolve_device
+
+        ctx = replace(ctx, device=resolve_device(cfg.device))
     try:
         return _run(cfg, ctx, stream or sys.stderr)
     finally:
@@ -75,8 +79,8 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from lorakit.data import demo_paths, load_dataset
     from lorakit.models import is_quantized
 
-    from .evaluate import evaluate
-    from .prepare import prepare, save_prepared
+    from .evaluate import describe_dataset, evaluate
+    from .prepare import prepare, save_prepared, use_chat_template
 
     if cfg.mode in PREFERENCE_MODES:  # dpo / orpo / kto: their own data and metrics, this file's fit
         from .preference.run import run_preference
@@ -101,6 +105,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
     prepared = prepare(cfg)
     model, tokenizer = prepared.model, prepared.tokenizer
+    use_chat_template(prepared, cfg.chat_template)
     if not is_quantized(model):
         model.to(ctx.device)
     train_path, eval_path = cfg.data, cfg.eval_data
@@ -108,25 +113,30 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         train_path, demo_eval = demo_paths()
         eval_path = eval_path or demo_eval
     load = functools.partial(
-        load_dataset, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows
-    )
+        load_dataset, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows,
+        truncate=cfg.truncate,
+    )  # fmt: skip
     train = load(train_path)
     held_out = load(eval_path) if eval_path else None
     counts = adapters.trainable_parameters(model)
     for note in prepared.notes:
         say(note)
-    say(f"data {train_path}: {len(train.examples)} examples ({train.format})" + _skipped(train))
+    say(f"data {train_path}: {describe_dataset(train)}" + _skipped(train))
 
     # 2. Held-out metrics before training (the adapter starts as the identity: B = 0).
     before = None
     # Exact match needs no more new tokens than the longest reference answer (+ a margin for its end).
     max_new = min(256, max((_loss_tokens(ex) for ex in held_out.examples), default=0) + 4) if held_out else 0
-    evaluate = functools.partial(evaluate, batch_size=cfg.batch_size, max_new_tokens=max_new)
+    evaluate = functools.partial(
+        evaluate, batch_size=cfg.batch_size, max_new_tokens=max_new, progress=stream if ctx.is_main else None
+    )
     if held_out is not None and ctx.is_main:
         before = evaluate(model, tokenizer, held_out)
         say(f"before: {_fmt(before)}  ({eval_path}, {len(held_out.examples)} rows)")
 
-    # 3. Train.
+    # 3. Train (records also go to the --report-to trackers).
+    if ctx.is_main:
+        tracking.start(cfg, output)
     fitted = fit(
         model, train.examples, cfg, pad_id=_pad_id(tokenizer),
         eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
@@ -139,7 +149,8 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         if after is not None:
             say(f"after:  {_fmt(after)}")
         save_prepared(prepared, output)
-        replace(cfg, resume=False).save(output / "train_config.yaml")
+        _save_system_prompt(train, output)
+        replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
         results = {
             "before": before,
             "after": after,
@@ -152,7 +163,8 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
             "config": cfg.to_dict(),
         }
         _write_json(output / "results.json", results)
-        plot_loss(output / "metrics.jsonl", output / "loss.png")
+        tracking.finish(results)
+        plot_loss(output / "metrics.jsonl", output / "loss.png", before=(before or {}).get("loss"))
         checkpoint.remove(output)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
     distributed.barrier(ctx)
@@ -196,7 +208,7 @@ def fit(
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
         raise ValueError("no training examples")
-    optimizer = make_optimizer(list(params.values()), cfg)
+    optimizer = optim.build(params, cfg)  # --optimizer, LoRA+ param groups
     session = _Run(model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say)
     session.start_or_resume()
     # Preference objectives batch their own (paired) rows: packing is for token-level losses.
@@ -209,7 +221,7 @@ def fit(
     say(
         f"training {session.total} steps of {session.global_batch} rows ({cfg.batch_size} x {cfg.grad_accum} "
         f"accumulation x {ctx.world} process{'es' if ctx.world > 1 else ''}), lr {cfg.lr:g}, "
-        f"warmup {session.warmup} steps"
+        f"warmup {session.warmup} steps" + optim.describe(cfg)
     )
     session.progress = Progress(
         session.total, session.start, cfg.log_every, stream if ctx.is_main else _Silent()
@@ -236,16 +248,11 @@ def fit(
     )
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer of a run: AdamW on the trainable parameters (the lr is set per step by `set_lr`)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
-    """The schedule: set and return the lr of optimizer step `step` (0-based), cfg.lr x `lr_factor`."""
-    lr = cfg.lr * lr_factor(step, total, warmup)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    """The schedule: set and return the lr of optimizer step `step` (0-based), cfg.lr x the --scheduler's
+    factor (`optim.lr_factor`; LoRA+ groups keep their ratio, `optim.set_lr`)."""
+    lr = cfg.lr * optim.lr_factor(step, total, warmup, cfg.scheduler)
+    optim.set_lr(optimizer, lr)
     return lr
 
 
@@ -300,6 +307,7 @@ class _Run:
             ckpt = checkpoint.load(found)
             checkpoint.check_config(ckpt, cfg.to_dict(), self.global_batch)
             checkpoint.restore(ckpt, self.params, self.optimizer, ctx.rank)
+            optim.after_restore(self.optimizer)
             self.start, self.tokens, self.seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
             self.say(f"resuming from {found} (step {self.start}/{self.total})")
         elif found is not None:
@@ -453,15 +461,9 @@ class _Run:
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to 0.
-
-    Warmup: (step + 1) / warmup for step < warmup, so no step has lr 0. Cosine over the remaining steps:
-    0.5 · (1 + cos(pi · (step - warmup) / (total - warmup))), 1 at the first step after warmup.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to 0
+    (`optim.lr_factor` with the default schedule; see there)."""
+    return optim.lr_factor(step, total, warmup, "cosine")
 
 
 def step_rows(step: int, n: int, global_batch: int, seed: int) -> list[int]:
@@ -501,6 +503,17 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
 
+def _save_system_prompt(train, output: Path) -> None:
+    """`system_prompt.txt` beside the adapter when every training row shares one (generate uses it)."""
+    from .run_defaults import SYSTEM_NAME, common_system
+
+    system = common_system(train.rows, train.format)
+    if system is not None:
+        write_text(output / SYSTEM_NAME, system)
+    else:
+        (output / SYSTEM_NAME).unlink(missing_ok=True)  # an overwritten run's prompt is not this run's
+
+
 def _write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -513,7 +526,9 @@ def _fmt(metrics: dict) -> str:
 
 
 def _skipped(dataset) -> str:
-    return f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else ""
+    cut = getattr(dataset, "truncated", 0)
+    truncated = f", {cut} rows longer than --max-len truncated to it" if cut else ""
+    return (f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else "") + truncated
 
 
 def _say(stream: TextIO, text: str) -> None:

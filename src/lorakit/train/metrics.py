@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..atomic import save_figure, write_text
+from . import tracking
 
 
 class MetricsLog:
@@ -36,6 +37,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.forward(record)  # the same record to --report-to trackers (none: a no-op)
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -108,11 +110,56 @@ class Progress:
 _SHORT = {"reward_accuracy": "acc", "reward_margin": "margin", "kl": "kl"}
 
 
-def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw."""
+class RowProgress:
+    """`label: done/total rows  ETA m:ss`, rewritten in place on a terminal; elsewhere a line at each tenth."""
+
+    def __init__(self, total: int, label: str, stream: TextIO):
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.shown = 0  # tenths already printed (not a terminal)
+
+    def update(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        line = f"{self.label}: {done}/{self.total} rows  {elapsed:.0f} s  ETA {_duration(eta)}"
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        elif done * 10 // max(1, self.total) > self.shown or done == self.total:
+            self.shown = done * 10 // max(1, self.total)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the line on a terminal (the caller's next line starts clean)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average with `weight` on the past, debiased (divided by
+    1 - weight^k after k values) so the curve starts at the first value instead of rising from 0."""
+    out, ema = [], 0.0
+    for k, v in enumerate(values, 1):
+        ema = weight * ema + (1 - weight) * v
+        out.append(ema / (1 - weight**k))
+    return out
+
+
+def plot_loss(
+    metrics_path: str | os.PathLike, png_path: str | os.PathLike, before: float | None = None
+) -> Path | None:
+    """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw.
+
+    The raw training loss is drawn faint with its smoothed curve (`smooth`) over it; evaluation losses as
+    points, starting with `before` (the held-out loss before training) at step 0 when given.
+    """
     records = read(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and _finite(r["loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
+    if before is not None and _finite(before):
+        evals.insert(0, (0, before))
     if not train and not evals:
         return None
     import matplotlib
@@ -127,9 +174,16 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> P
     fig = Figure(figsize=(10 if accuracy else 6, 4), dpi=100)
     ax = fig.add_subplot(1, 2 if accuracy else 1, 1)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1.0, label="train loss")
+        if len(train) > 2:
+            ax.plot(
+                steps, smooth(list(losses)), color="tab:blue", linewidth=1.8, label="train loss (smoothed)"
+            )
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="held-out loss", linewidth=1.2)
+        if before is not None and evals[0][0] == 0:
+            ax.annotate("before training", evals[0], textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per pair / row)" if accuracy else "loss (nats / token)")
     ax.grid(alpha=0.3)

@@ -45,6 +45,7 @@ class Prepared:
     lora_config: LoraConfig
     new_token_ids: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was done, one line each, for the run log
+    chat_template: str | None = None  # the template text set by --chat-template (saved with the adapter)
 
 
 def prepare(
@@ -93,6 +94,7 @@ def prepare(
         dropout=cfg.dropout,
         targets=parse_targets(cfg.targets),
         base_model_name_or_path=str(cfg.model),
+        init=cfg.init,
         **extra,
     )
     if cfg.quantize != "none":
@@ -107,9 +109,48 @@ def prepare(
 
 def save_prepared(prepared: Prepared, output_dir: str | os.PathLike) -> Path:
     """Save adapter "default" (PEFT format) into `output_dir`, plus the tokenizer when the vocabulary grew
-    (load_model(adapter=output_dir) then grows the base the same way), all in one all-or-nothing save."""
-    extra = (lambda stage: prepared.tokenizer.save_pretrained(str(stage))) if prepared.new_token_ids else None
-    return save_adapter(prepared.model, output_dir, extra=extra)
+    (load_model(adapter=output_dir) then grows the base the same way), plus `chat_template.jinja` when the run
+    replaced the template (`--chat-template`), all in one all-or-nothing save."""
+    from ..data.templates import SAVED_NAME
+
+    def extra(stage: Path) -> None:
+        if prepared.new_token_ids:
+            prepared.tokenizer.save_pretrained(str(stage))
+        if prepared.chat_template is not None:
+            (stage / SAVED_NAME).write_text(prepared.chat_template)
+
+    out = save_adapter(prepared.model, output_dir, extra=extra)
+    if prepared.chat_template is None:
+        (out / SAVED_NAME).unlink(missing_ok=True)  # an overwritten run's template is not this run's
+    return out
+
+
+def use_chat_template(prepared: Prepared, spec: str | None) -> None:
+    """`--chat-template FILE|NAME`: replace the tokenizer's template (kept in `prepared` to be saved)."""
+    if spec is not None:
+        from ..data.templates import set_chat_template
+
+        prepared.chat_template = set_chat_template(prepared.tokenizer, spec)
+        prepared.notes.append(f"chat template: {spec}")
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse to train into an output directory holding a finished run, unless `cfg.overwrite`.
+
+    A finished run is one with an adapter file in `cfg.output`. (--resume of a finished run is answered by
+    the checkpoint logic; an unfinished run's checkpoint is refused there without --resume.)
+
+    Raises:
+        FileExistsError: naming the directory and the two ways on.
+    """
+    from ..io.files import WEIGHTS_NAME
+
+    out = Path(cfg.output)
+    if cfg.overwrite or cfg.resume or not (out / WEIGHTS_NAME).is_file():
+        return
+    raise FileExistsError(
+        f"{out} holds a finished run ({WEIGHTS_NAME}); pass --overwrite to replace it, or choose another --output"
+    )
 
 
 def save_tokenizer(tokenizer, output_dir: str | os.PathLike) -> None:
