@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import MODES, QUANTIZE, TrainConfig
+from .config import DISTRIBUTED, MODES, QUANTIZE, TrainConfig
 
 
 def register(sub) -> None:
@@ -65,6 +65,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
     g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
     g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
+    g.add_argument(
+        "--distributed", choices=DISTRIBUTED, help="under torchrun: ddp (default) or fsdp (base sharded)"
+    )
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:

@@ -12,6 +12,7 @@ from typing import Any
 
 MODES = ("sft", "cpt")
 QUANTIZE = ("none", "4bit", "8bit")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class TrainConfig:
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
         loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
+            "fsdp" (FSDP2: the base sharded across processes; without torchrun, FSDP over one process).
     """
 
     model: str = "default"
@@ -67,6 +70,7 @@ class TrainConfig:
     skip_bad_rows: bool = False
     loss_chunk: int = 0
     dtype: str | None = None
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +87,8 @@ class TrainConfig:
             raise bad("mode", f"one of {MODES}")
         if self.quantize not in QUANTIZE:
             raise bad("quantize", f"one of {QUANTIZE}")
+        if self.distributed not in DISTRIBUTED:
+            raise bad("distributed", f"one of {DISTRIBUTED}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise bad("rank", "a positive integer")
         for name in ("batch_size", "grad_accum", "max_len", "log_every"):

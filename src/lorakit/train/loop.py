@@ -56,7 +56,7 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
         NonFiniteLoss: the loss diverged (the last checkpoint is kept).
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving a checkpoint to resume from.
     """
-    ctx = distributed.init()
+    ctx = distributed.init(cfg.distributed)
     try:
         return _run(cfg, ctx, stream or sys.stderr)
     finally:
@@ -111,11 +111,16 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     # 4. Held-out metrics after training, then what the adapter needs, written by rank 0 only.
     results: dict[str, Any] = {}
+    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
+    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
+        with engine.evaluating() as m:
+            after = evaluate(m, tokenizer, held_out)
+    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
+        if ctx.is_main:
+            save_prepared(prepared, output)
     if ctx.is_main:
-        after = evaluate(model, tokenizer, held_out) if held_out else None
         if after is not None:
             say(f"after:  {_fmt(after)}")
-        save_prepared(prepared, output)
         replace(cfg, resume=False).save(output / "train_config.yaml")
         results = {
             "before": before,
@@ -168,7 +173,6 @@ def fit(
     output = Path(cfg.output)
     device = next(p.device for p in model.parameters())
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    plist = list(params.values())
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
@@ -182,26 +186,34 @@ def fit(
     warmup = round(cfg.warmup * total)
     loss_tokens = [_loss_tokens(ex) for ex in examples]
     row_tokens = [len(ex.input_ids) for ex in examples]
-    optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    # Start fresh, or from the newest checkpoint with --resume.
+    # Start fresh, or from the newest checkpoint with --resume. The engine (DDP / FSDP) wraps the model
+    # after a fresh adapter is broadcast (full tensors) and before a checkpoint is cut into FSDP shards.
     start, tokens_before, seconds_before = 0, 0, 0.0
     found = checkpoint.latest(output)
-    if cfg.resume and found is not None:
-        ckpt = checkpoint.load(found)
-        checkpoint.check_config(ckpt, cfg.to_dict(), global_batch)
-        checkpoint.restore(ckpt, params, optimizer, ctx.rank)
-        start, tokens_before, seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
-        say(f"resuming from {found} (step {start}/{total})")
-    elif found is not None:
+    if found is not None and not cfg.resume:
         raise ValueError(
             f"{output} holds a checkpoint of an unfinished run ({found.name}): pass --resume to continue it, "
             "or choose another --output"
         )
+    if found is None and distributed.engine_of(model) is None:
+        distributed.broadcast_params(ctx, list(params.values()))
+    engine = distributed.wrap(
+        model, ctx, cfg.distributed, lambda *batch: causal_lm_loss(*batch, cfg.loss_chunk)
+    )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP: now DTensor shards
+    plist = list(params.values())
+    optimizer = torch.optim.AdamW(plist, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if found is not None:
+        ckpt = checkpoint.load(found)
+        checkpoint.check_config(ckpt, cfg.to_dict(), global_batch)
+        ckpt = distributed.check_resume(ckpt, ctx, cfg.dropout)
+        checkpoint.restore(engine.localize(ckpt, params), params, optimizer, ctx.rank)
+        start, tokens_before, seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
+        say(f"resuming from {found} (step {start}/{total})")
     else:
         if cfg.resume:
             say(f"--resume: no checkpoint in {output}; starting from step 0")
-        distributed.broadcast_params(ctx, plist)
         if ctx.world > 1:
             torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
     log = MetricsLog(output / "metrics.jsonl", resume_step=start if start else None) if ctx.is_main else None
@@ -212,11 +224,12 @@ def fit(
 
     def save_checkpoint(done: int) -> Path:
         rngs = distributed.gather(ctx, checkpoint.rng_state())
+        full, state = engine.full_state(params, optimizer)  # FSDP: every rank gathers the trainable tensors
         path = None
         if ctx.is_main:
             path = checkpoint.save(
                 output, step=done, tokens=tokens, elapsed=seconds_before + time.perf_counter() - t0,
-                config=cfg.to_dict(), params=params, optimizer=optimizer, rngs=rngs, global_batch=global_batch,
+                config=cfg.to_dict(), params=full, optimizer=state, rngs=rngs, global_batch=global_batch,
             )  # fmt: skip
         distributed.barrier(ctx)
         return path or checkpoint.root(output)
@@ -236,15 +249,14 @@ def fit(
 
             # Forward + backward over the micro-batches; gradients add up in .grad.
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            # Gradients are summed over ranks once, in the last micro-batch's backward (DDP / FSDP).
             for m in range(accum):
                 micro = [examples[i] for i in mine[m * bs : (m + 1) * bs]]
                 batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
-                s, _ = causal_lm_loss(
-                    model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.loss_chunk
-                )
-                (s / n_loss).backward()
+                with engine.micro_step(last=m == accum - 1):
+                    s, _ = engine.loss(batch)
+                    (s / n_loss).backward()
                 loss_sum += s.detach().double()
-            distributed.sum_grads(ctx, plist)
             loss = distributed.sum_scalar(ctx, float(loss_sum), device) / n_loss
 
             # Stop before a bad update reaches the weights; clip; step.
@@ -278,8 +290,10 @@ def fit(
                      "elapsed": round(seconds_before + time.perf_counter() - t0, 3)}
                 )  # fmt: skip
             if cfg.eval_every and eval_examples and (done % cfg.eval_every == 0 or done == total):
+                if ctx.is_main or engine.sharded:  # FSDP: every rank takes part in the forwards
+                    with engine.evaluating() as m:
+                        ev = eval_loss(m, eval_examples, bs, pad_id, cfg.loss_chunk)
                 if ctx.is_main:
-                    ev = eval_loss(model, eval_examples, bs, pad_id, cfg.loss_chunk)
                     log.write({"step": done, **ev})
                     progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done < total:
