@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import param_lora
 from ..adapters import (
     Adapter,
     _check_name,
@@ -39,6 +40,9 @@ class _Plan:
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> its state dict
     biases: dict[str, Tensor] = field(default_factory=dict)
     base_weights: dict[str, Tensor] = field(default_factory=dict)
+    params: dict[str, dict[str, Tensor]] = field(
+        default_factory=dict
+    )  # param_lora: "<module>.<param>" -> A, B
 
 
 def load_adapter(
@@ -110,7 +114,10 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
     tied_heads = _tied_heads(model, saved_names)
     tied_found: dict[str, dict[str, Tensor]] = {}
     plan = _Plan()
-    for k, t in files.tensors.items():
+    plan.params, tensors, why = param_lora.split_file_tensors(model, config, files.tensors)
+    if why:
+        raise fail(why)
+    for k, t in tensors.items():
         parsed = keys.parse(k)
         if parsed is not None and parsed[0] not in modules:
             raise fail(f"key {k!r} names module {parsed[0]!r}, which this model does not have")
@@ -143,7 +150,7 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
 
     # LoRA: the modules with tensors must be exactly the ones the config targets, each complete and in shape.
     try:
-        expected = find_targets(model, config)
+        expected = find_targets(model, config) if config.targets else []
     except ValueError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
     missing = [n for n in expected if n not in plan.lora]
@@ -322,6 +329,7 @@ def _inject(model: nn.Module, name: str, config: LoraConfig, plan: _Plan, activa
                     w.magnitude.copy_(found["magnitude"])
             for n, (_, values) in plan.tokens.items():
                 model.get_submodule(n).tokens[name].values.copy_(values)
+            param_lora.copy_in(model, name, plan.params)
             for n, state in plan.saved.items():
                 model.get_submodule(n).lora_copies[name].load_state_dict(state, strict=True)
             for n, t in plan.biases.items():
