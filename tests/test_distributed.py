@@ -159,7 +159,27 @@ def test_two_nodes_on_loopback_equal_one_process(tmp_path):
     assert_same(adapter(out), one_process(tmp_path), atol=1e-5)
 
 
-def test_fsdp_refuses_a_bitsandbytes_base_with_the_reason():
+def test_fsdp_qlora_shards_the_4bit_base_and_equals_ddp(tmp_path):
+    """bitsandbytes on CPU: FSDP2 shards the packed 4-bit bytes; training equals DDP's (each rank whole)."""
+    from conftest import bnb_unusable, quantizable_llama_dir
+
+    if bnb_unusable():
+        pytest.skip(bnb_unusable())
+    base = quantizable_llama_dir(tmp_path / "base")
+    args = ["--steps", 4, "--batch-size", 2, "--grad-accum", 1, "--quantized-model", base, "--report-memory"]
+    torchrun(tmp_path / "ddp", *args, "--distributed", "ddp")
+    torchrun(tmp_path / "fsdp", *args, "--distributed", "fsdp")
+    ddp, fsdp = adapter(tmp_path / "ddp"), adapter(tmp_path / "fsdp")
+    assert_same(fsdp, ddp, atol=1e-6)
+    assert max(t.abs().max() for k, t in ddp.items() if "lora_B" in k) > 1e-4  # it did train
+    for rank in (0, 1):
+        whole = json.loads((tmp_path / "ddp" / f"memory-rank{rank}.json").read_text())
+        shard = json.loads((tmp_path / "fsdp" / f"memory-rank{rank}.json").read_text())
+        assert whole["rest"] == whole["single"]  # DDP: every rank holds the whole 4-bit base
+        assert shard["rest"] <= 0.5 * shard["single"] * 1.02, shard
+
+
+def test_fsdp_refuses_an_8bit_base_with_the_reason():
     from conftest import bnb_unusable
 
     if bnb_unusable():
@@ -168,9 +188,10 @@ def test_fsdp_refuses_a_bitsandbytes_base_with_the_reason():
 
     from lorakit.train import distributed
 
-    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")  # quantizes
+    layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to("cpu")  # quantizes
     model = torch.nn.Sequential(layer)
-    with pytest.raises(ValueError, match="cannot shard a bitsandbytes-quantized base.*Params4bit"):
+    assert type(layer.weight).__name__ == "Int8Params"
+    with pytest.raises(ValueError, match="cannot shard an 8-bit bitsandbytes base.*Int8Params"):
         distributed.wrap(model, distributed.Context(), "fsdp")
 
 

@@ -24,19 +24,25 @@ from conftest import tiny_llama  # noqa: E402
 from lorakit.train import TrainConfig, distributed, loop  # noqa: E402
 
 
-def examples(n: int = 24, seed: int = 0) -> list:
+def examples(n: int = 24, seed: int = 0, vocab: int = 128) -> list:
     """Rows of 6..20 tokens; the first 3 tokens carry no loss, so rows have different loss-token counts."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         k = int(torch.randint(6, 21, (1,), generator=g))
-        ids = torch.randint(3, 128, (k,), generator=g).tolist()
+        ids = torch.randint(3, vocab, (k,), generator=g).tolist()
         out.append(SimpleNamespace(input_ids=ids, labels=[-100] * 3 + ids[3:]))
     return out
 
 
-def model_with_adapter(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False):
-    model = tiny_llama(seed=seed)
+def model_with_adapter(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False, quantized: str = ""):
+    """The tiny Llama with r=4 adapters; `quantized`: a model directory loaded in 4-bit (bitsandbytes)."""
+    if quantized:
+        from lorakit.models import load_model
+
+        model, _ = load_model(quantized, quantize="4bit")
+    else:
+        model = tiny_llama(seed=seed)
     if checkpointing:
         from lorakit.train.prepare import enable_gradient_checkpointing
 
@@ -111,6 +117,7 @@ def main() -> int:
     p.add_argument("--loss-chunk", type=int, default=0)
     p.add_argument("--stop-after", type=int, default=0, help="stop (as on Ctrl-C) after this many steps")
     p.add_argument("--report-memory", action="store_true", help="write OUT/memory-rank<r>.json")
+    p.add_argument("--quantized-model", default="", help="a model directory, loaded in 4-bit (QLoRA)")
     a = p.parse_args()
     torch.set_num_threads(1)
     ctx = distributed.init(a.distributed)
@@ -118,8 +125,11 @@ def main() -> int:
         a.output, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, save_every=a.save_every,
         dropout=a.dropout, resume=a.resume, distributed=a.distributed, loss_chunk=a.loss_chunk,
     )  # fmt: skip
-    model = model_with_adapter(dropout=a.dropout, checkpointing=a.gradient_checkpointing)
-    model.to(a.device or ctx.device)
+    model = model_with_adapter(
+        dropout=a.dropout, checkpointing=a.gradient_checkpointing, quantized=a.quantized_model
+    )
+    if not a.quantized_model:
+        model.to(a.device or ctx.device)
     if a.sleep:
         plain = loop.causal_lm_loss
 
@@ -132,7 +142,7 @@ def main() -> int:
         stop_after(a.stop_after)
     memory = base_memory_probe(model) if a.report_memory else None
     try:
-        loop.fit(model, examples(), cfg, pad_id=0, ctx=ctx)
+        loop.fit(model, examples(vocab=model.config.vocab_size), cfg, pad_id=0, ctx=ctx)
     except KeyboardInterrupt:
         return 130
     if memory is not None:

@@ -294,15 +294,7 @@ def _wrap_fsdp(model: nn.Module, ctx: Context, loss_fn) -> Engine:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    quantized = [n for n, p in model.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
-    if quantized:
-        raise ValueError(
-            f"--distributed fsdp cannot shard a bitsandbytes-quantized base ({quantized[0]!r} is a "
-            f"{type(dict(model.named_parameters())[quantized[0]]).__name__}): its packed bytes and their "
-            "per-tensor quant_state do not survive FSDP2's dim-0 sharding and all-gather (bitsandbytes "
-            "implements no FSDP2 all-gather extension). Use --distributed ddp with --quantize (each process "
-            "holds the quantized base), or --distributed fsdp without --quantize"
-        )
+    _check_quantized(model)
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     mp = MixedPrecisionPolicy()
     if ctx.device.type == "cuda":
@@ -323,6 +315,32 @@ def _wrap_fsdp(model: nn.Module, ctx: Context, loss_fn) -> Engine:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return Engine("fsdp", ctx, model, runner)
+
+
+def _check_quantized(model: nn.Module) -> None:
+    """FSDP2 shards bitsandbytes 4-bit weights as plain bytes: a Params4bit is a flat (n, 1) uint8 tensor of
+    packed values, whose dim-0 shards all-gather back to the same bytes, and `Linear4bit` restores the
+    weight's quant_state from the module (bitsandbytes' `fix_4bit_weight_quant_state_from_module`, made for
+    FSDP); mixed precision leaves non-float parameters alone. 8-bit weights (`Int8Params`) keep their
+    per-row scales on the parameter itself, which the all-gather drops: refused.
+
+    Raises:
+        ValueError: naming the first 8-bit parameter and what to use instead.
+    """
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Int8Params":
+            raise ValueError(
+                f"--distributed fsdp cannot shard an 8-bit bitsandbytes base ({name}.weight is an Int8Params: "
+                "its per-row scales live on the parameter and do not survive FSDP2's all-gather). Use "
+                "--quantize 4bit (sharded), or --distributed ddp with --quantize 8bit"
+            )
+        if type(weight).__name__ == "Params4bit" and getattr(module, "quant_state", None) is None:
+            raise ValueError(
+                f"--distributed fsdp: {name} holds a 4-bit weight without a module-level quant_state "
+                "(bitsandbytes restores the weight's quant_state from it after the all-gather); quantize the "
+                "model by moving it to its device before sharding"
+            )
 
 
 def check_resume(ckpt, ctx: Context, dropout: float):
