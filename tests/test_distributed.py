@@ -85,14 +85,16 @@ def test_fsdp_holds_about_half_the_base_per_rank(fsdp_run):
         assert mem["rest"] >= 0.45 * mem["single"], mem
         # Peak, inside a layer's forward: the shards, the root (embeddings, head, norm) and that layer gathered.
         assert mem["peak"] < 0.85 * mem["single"], mem
+        assert mem["fast_lora_calls"] > 0  # the fast LoRA Function ran under FSDP (and checkpointing)
 
 
 def test_ddp_equals_one_process_with_accumulation_and_checkpointing(tmp_path):
     out = tmp_path / "ddp"
     res = torchrun(out, "--steps", STEPS, "--batch-size", 2, "--grad-accum", 2, "--distributed", "ddp",
-                   "--gradient-checkpointing")  # fmt: skip
+                   "--gradient-checkpointing", "--report-memory")  # fmt: skip
     assert "8 rows (2 x 2 accumulation x 2 processes)" in res.stderr
     assert_same(adapter(out), one_process(tmp_path), atol=1e-5)
+    assert json.loads((out / "memory-rank1.json").read_text())["fast_lora_calls"] > 0  # the fast Function
 
 
 def test_fsdp_resume_is_exact_and_resumes_on_another_process_count(fsdp_run, tmp_path):

@@ -35,12 +35,17 @@ def examples(n: int = 24, seed: int = 0, vocab: int = 128) -> list:
     return out
 
 
-def model_with_adapter(seed: int = 0, dropout: float = 0.0, checkpointing: bool = False, quantized: str = ""):
-    """The tiny Llama with r=4 adapters; `quantized`: a model directory loaded in 4-bit (bitsandbytes)."""
+def model_with_adapter(
+    seed: int = 0, dropout: float = 0.0, checkpointing: bool = False, quantized: str = "", moe: bool = False
+):
+    """The tiny Llama with r=4 adapters on all linear layers. `quantized`: a model directory loaded in 4-bit
+    (bitsandbytes) instead; `moe`: a tiny Mixtral, its fused experts adapted too (target_parameters)."""
     if quantized:
         from lorakit.models import load_model
 
         model, _ = load_model(quantized, quantize="4bit")
+    elif moe:
+        model = tiny_mixtral(seed=seed)
     else:
         model = tiny_llama(seed=seed)
     if checkpointing:
@@ -48,8 +53,21 @@ def model_with_adapter(seed: int = 0, dropout: float = 0.0, checkpointing: bool 
 
         enable_gradient_checkpointing(model)
     torch.manual_seed(seed + 1)
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, dropout=dropout))
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, dropout=dropout, target_parameters=experts))
     return model
+
+
+def tiny_mixtral(seed: int = 0):
+    """A tiny random Mixtral: 4 experts stored as fused 3-D parameters, top-2 routing."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+    )  # fmt: skip
+    return MixtralForCausalLM(cfg).eval()
 
 
 def config(output, **kw) -> TrainConfig:
@@ -87,10 +105,20 @@ def held_base_bytes(model) -> int:
 
 def base_memory_probe(model) -> dict:
     """{"single": the base's bytes unsharded, "peak": the most `held_base_bytes` seen inside any decoder
-    layer's forward (one layer gathered at a time, plus the root's parameters)}; updated as training runs."""
+    layer's forward (one layer gathered at a time, plus the root's parameters), "fast_lora_calls": forwards
+    through the fast LoRA Function}; updated as training runs."""
     from lorakit.train.distributed import decoder_layers
 
-    memory = {"single": held_base_bytes(model), "peak": 0}
+    memory = {"single": held_base_bytes(model), "peak": 0, "fast_lora_calls": 0}
+    import lorakit.fast as fast
+
+    plain = fast.lora_linear_train
+
+    def counted(*args, **kw):  # the hand-derived LoRA Function (lorakit.fast.linear), counted
+        memory["fast_lora_calls"] += 1
+        return plain(*args, **kw)
+
+    fast.lora_linear_train = counted
 
     def probe(module, args, output=None):
         memory["peak"] = max(memory["peak"], held_base_bytes(model))
@@ -118,6 +146,7 @@ def main() -> int:
     p.add_argument("--stop-after", type=int, default=0, help="stop (as on Ctrl-C) after this many steps")
     p.add_argument("--report-memory", action="store_true", help="write OUT/memory-rank<r>.json")
     p.add_argument("--quantized-model", default="", help="a model directory, loaded in 4-bit (QLoRA)")
+    p.add_argument("--moe", action="store_true", help="a tiny Mixtral with LoRA on its fused experts")
     a = p.parse_args()
     torch.set_num_threads(1)
     ctx = distributed.init(a.distributed)
@@ -126,7 +155,7 @@ def main() -> int:
         dropout=a.dropout, resume=a.resume, distributed=a.distributed, loss_chunk=a.loss_chunk,
     )  # fmt: skip
     model = model_with_adapter(
-        dropout=a.dropout, checkpointing=a.gradient_checkpointing, quantized=a.quantized_model
+        dropout=a.dropout, checkpointing=a.gradient_checkpointing, quantized=a.quantized_model, moe=a.moe
     )
     if not a.quantized_model:
         model.to(a.device or ctx.device)

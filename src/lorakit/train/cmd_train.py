@@ -45,6 +45,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--train-embeddings", action="store_true", default=None, help="cpt: train embeddings + head"
     )
     g.add_argument("--new-tokens", metavar="FILE", help="add these tokens (one per line); their rows train")
+    g.add_argument(
+        "--target-parameters",
+        help="parameters to adapt too, e.g. fused MoE experts: mlp.experts.down_proj,...",
+    )
     g = p.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")

@@ -36,6 +36,8 @@ class TrainConfig:
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
         loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        target_parameters: parameters to adapt besides `targets`, e.g. fused MoE experts
+            "mlp.experts.gate_up_proj,mlp.experts.down_proj" (lorakit.param_lora).
         distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
             "fsdp" (FSDP2: the base sharded across processes; without torchrun, FSDP over one process).
     """
@@ -71,6 +73,7 @@ class TrainConfig:
     loss_chunk: int = 0
     dtype: str | None = None
     distributed: str = "ddp"
+    target_parameters: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
