@@ -8,6 +8,7 @@ modules (`LoraWeights`, `TokenWeights`, a saved copy). The records live on the m
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from . import param_lora
 from .config import LoraConfig
 from .fast.fused import CROSS_ATTENTION_NAMES, FUSED_SETS, FusedGroup
 from .fingerprint import combine, weight_digest
@@ -35,6 +37,9 @@ class Adapter:
     token_modules: list[str] = field(default_factory=list)
     saved_modules: list[str] = field(default_factory=list)
     tied_modules: list[str] = field(default_factory=list)  # heads sharing a saved embedding's copy
+    param_targets: list[str] = field(
+        default_factory=list
+    )  # "<module>.<param>" (param_lora, target_parameters)
     fingerprint: str = ""
 
     @property
@@ -101,6 +106,11 @@ def add_adapter(
     if any(isinstance(m, LoraLayer) and m.merged for _, m in lora_layers(model)):
         raise RuntimeError("cannot add an adapter while adapters are merged; unmerge first")
     targets = find_targets(model, config) if config.targets else []
+    params = (
+        param_lora.find_param_targets(model, config.target_parameters) if config.target_parameters else []
+    )
+    if config.targets == "all-linear" and (skipped := param_lora.skipped_summary(model, targets, params)):
+        warnings.warn(skipped, stacklevel=2)
     saved = find_modules(model, config.modules_to_save, "modules_to_save") if config.modules_to_save else []
     if set(saved) & set(targets):
         raise ValueError(
@@ -122,6 +132,8 @@ def add_adapter(
             layer.add_copy(name)
             adapter.saved_modules.append(n)
             adapter.tied_modules += _tie_saved_heads(model, n, name, saved)
+        param_lora.add(model, name, params, config)
+        adapter.param_targets = params
     except Exception:
         _remove_from_layers(model, name)
         _layers_changed(model)
@@ -266,6 +278,7 @@ def base_fingerprint(model: nn.Module, module_names: Sequence[str]) -> str:
 
 def _freeze_base(model: nn.Module) -> None:
     adapter_params = {id(p) for _, layer in adapter_layers(model) for p in _adapter_params(layer)}
+    adapter_params |= {id(p) for p in param_lora.adapter_parameters(model)}
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
@@ -280,6 +293,7 @@ def _adapter_params(layer: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _remove_from_layers(model: nn.Module, name: str) -> None:
+    param_lora.remove(model, name)
     for module_name, layer in list(adapter_layers(model)):
         if not layer.has(name):
             continue
@@ -323,6 +337,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
                 p.requires_grad_(trainable)
         if adapter.config.bias != "none":
             _set_bias_trainable(model, adapter, trainable)
+    param_lora.set_active(model, names)
     model.__dict__["lorakit_active"] = names
 
 
@@ -351,8 +366,8 @@ def _set_bias_trainable(model: nn.Module, adapter: Adapter, trainable: bool) -> 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, the model computes exactly its base outputs. Raises RuntimeError if adapters are merged."""
-    layers = [layer for _, layer in adapter_layers(model)]
-    if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
+    layers = [layer for _, layer in adapter_layers(model)] + [m for _, m in param_lora.layers(model)]
+    if any(getattr(layer, "merged", None) for layer in layers):
         raise RuntimeError("adapters are merged into the weights; unmerge before disabling them")
     before = [layer.disabled for layer in layers]
     for layer in layers:

@@ -46,6 +46,9 @@ class LoraConfig:
         trainable_token_indices: embedding rows to train, e.g. new tokens: a list of ids (for the input
             embedding) or {embedding module name: ids}.
         fan_in_fan_out: set automatically for GPT-2 Conv1D (weight stored (in, out)); kept for PEFT files.
+        target_parameters: parameters (not modules) to adapt, e.g. fused MoE experts
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]: a full parameter name equals an entry or
+            ends with "." + entry (PEFT's rule; see lorakit.param_lora). `targets` may then be [] (none).
 
     Raises:
         ValueError: on any invalid value, naming the field and what was expected.
@@ -68,6 +71,7 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.alpha is None:
@@ -93,8 +97,13 @@ class LoraConfig:
             raise bad("alpha", self.alpha, "a finite non-zero number")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise bad("dropout", self.dropout, "a probability in [0, 1)")
-        if not self.targets or not isinstance(self.targets, str | list):
+        if not isinstance(self.targets, str | list) or not (self.targets or self.target_parameters):
             raise bad("targets", self.targets, 'a module name list, a regex string or "all-linear"')
+        if self.target_parameters is not None and (
+            not isinstance(self.target_parameters, list)
+            or not all(isinstance(t, str) and t for t in self.target_parameters)
+        ):
+            raise bad("target_parameters", self.target_parameters, "a list of parameter names")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             _check_regex("targets", self.targets)
         if isinstance(self.exclude, str):
@@ -162,7 +171,7 @@ class LoraConfig:
             "layer_replication": None,
             "use_qalora": False,
             "qalora_group_size": 16,
-            "target_parameters": None,
+            "target_parameters": sorted(self.target_parameters) if self.target_parameters else None,
             "auto_mapping": None,
             "peft_version": "0.21.2",
         }
@@ -190,7 +199,8 @@ class LoraConfig:
             # Other PEFT initialisations (olora, loftq, eva, ...) only matter before training; saved
             # tensors are what they are, so loading treats them as plain LoRA.
             init = "default"
-        targets = data.get("target_modules") or "all-linear"
+        params = data.get("target_parameters") or None
+        targets = data.get("target_modules") or ([] if params else "all-linear")
         try:
             return cls(
                 r=data["r"],
@@ -210,6 +220,7 @@ class LoraConfig:
                 trainable_token_indices=data.get("trainable_token_indices"),
                 fan_in_fan_out=_flag(data, "fan_in_fan_out"),
                 base_model_name_or_path=data.get("base_model_name_or_path"),
+                target_parameters=list(params) if params else None,
             )
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err

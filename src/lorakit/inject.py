@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
 from .layers import LoraLayer, LoraWeights, SavedModule, TokenWeights, is_adaptable
+from .param_lora import ParamLoraMixin
 
 # Layer containers whose index `layers_to_transform` refers to (PEFT's COMMON_LAYERS_PATTERN).
 LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")
@@ -32,6 +33,7 @@ def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         out.append((name, module))
         skip = ("lora", "tokens") if isinstance(module, LoraLayer) else ()
         skip = ("lora_copies",) if isinstance(module, SavedModule) else skip
+        skip = ("param_lora",) if isinstance(module, ParamLoraMixin) else skip
         for child_name, child in module._modules.items():
             if child is not None and child_name not in skip:
                 walk(f"{name}.{child_name}" if name else child_name, child)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import param_lora
 from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers, replace_module
 from .layers import LoraLayer, unwrap, unwrap_saved
 
@@ -25,8 +26,8 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(f"only active adapters can be merged; {inactive} are not active ({active})")
-    layers = list(lora_layers(model))
-    if any(layer.merged for _, layer in layers):
+    layers = [layer for _, layer in lora_layers(model)] + [m for _, m in param_lora.layers(model)]
+    if any(layer.merged for layer in layers):
         raise RuntimeError("adapters are already merged; unmerge before merging again")
     _check_untied(model, names)
     done: list[tuple[LoraLayer, str]] = []
@@ -82,14 +83,14 @@ _merge_active = merge  # `unload`'s `merge` argument shadows the function
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take every merged adapter back out of W (W is restored up to float rounding)."""
-    for _, layer in lora_layers(model):
+    for _, layer in [*lora_layers(model), *param_lora.layers(model)]:
         for n in reversed(list(layer.merged)):
             layer.unmerge_adapter(n)
     return model
 
 
 def is_merged(model: nn.Module) -> bool:
-    return any(layer.merged for _, layer in lora_layers(model))
+    return any(layer.merged for _, layer in [*lora_layers(model), *param_lora.layers(model)])
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -110,6 +111,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         else:
             plain = unwrap_saved(layer)
         replace_module(model, path, plain)
+    for _, layer in list(param_lora.layers(model)):
+        param_lora.unwrap(layer)  # merged or not, as asked above: the parameters keep their values
     adapter_records(model).clear()
     model.__dict__["lorakit_active"] = []
     model.__dict__.pop("lorakit_slots", None)  # slots.RowSlots: nothing left to serve per row

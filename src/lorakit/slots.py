@@ -251,8 +251,8 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
         KeyError: an unknown name. RuntimeError: merged adapters, or more adapters than slots.
     """
     for n in names:
-        if n is not None:
-            get_adapter(model, n)
+        if n is not None and get_adapter(model, n).param_targets:
+            raise RuntimeError(f"adapter {n!r} adapts parameters (target_parameters): not per-row")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
     distinct = list(dict.fromkeys(n for n in names if n is not None))

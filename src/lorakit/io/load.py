@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import param_lora
 from ..adapters import (
     Adapter,
     active_adapters,
@@ -40,6 +41,9 @@ class _Plan:
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> its state dict
     biases: dict[str, Tensor] = field(default_factory=dict)
     base_weights: dict[str, Tensor] = field(default_factory=dict)
+    params: dict[str, dict[str, Tensor]] = field(
+        default_factory=dict
+    )  # param_lora: "<module>.<param>" -> A, B
 
 
 def load_adapter(
@@ -99,8 +103,12 @@ def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Pla
     for k, t in files.tensors.items():
         if not t.is_floating_point():
             raise check.fail(f"tensor {k!r} has dtype {t.dtype}; adapter tensors must be floating point")
-    check.same_architecture()
-    for k, t in files.tensors.items():
+    # LoRA on parameters (fused MoE experts, target_parameters) first: what is left are module tensors.
+    check.plan.params, tensors, why = param_lora.split_file_tensors(model, config, files.tensors)
+    if why:
+        raise check.fail(why)
+    check.same_architecture(tensors)
+    for k, t in tensors.items():
         check.assign(k, t)
     check.lora()
     check.tokens()
@@ -131,10 +139,10 @@ class _Checker:
     def fail(self, msg: str) -> AdapterFileError:
         return AdapterFileError(f"{self.files.weights_path}: {msg}")
 
-    def same_architecture(self) -> None:
+    def same_architecture(self, tensors: dict[str, Tensor]) -> None:
         """Modules the file names that this model lacks: one summary, not one error per key (an adapter of
         another architecture names hundreds)."""
-        parsed = (keys.parse(k) for k in self.files.tensors)
+        parsed = (keys.parse(k) for k in tensors)
         unknown = sorted({p[0] for p in parsed if p is not None and p[0] not in self.modules})
         if unknown:
             raise self.fail(
@@ -183,7 +191,7 @@ class _Checker:
         """The modules with LoRA tensors are exactly the ones the config targets, each complete and in shape
         (the tensors the config's variant carries: variants.py `file_kinds`)."""
         try:
-            expected = find_targets(self.model, self.config)
+            expected = find_targets(self.model, self.config) if self.config.targets else []
         except ValueError as err:
             raise AdapterFileError(f"{self.config_file}: {err}") from err
         missing = [n for n in expected if n not in self.plan.lora]
@@ -367,6 +375,7 @@ def _inject(model: nn.Module, name: str, config: LoraConfig, plan: _Plan, activa
                     t.copy_(found[kind])
             for n, (_, values) in plan.tokens.items():
                 model.get_submodule(n).tokens[name].values.copy_(values)
+            param_lora.copy_in(model, name, plan.params)
             for n, state in plan.saved.items():
                 model.get_submodule(n).lora_copies[name].load_state_dict(state, strict=True)
             for n, t in plan.biases.items():

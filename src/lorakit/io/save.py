@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
 from .. import functional as LF
+from .. import param_lora
 from ..adapters import Adapter, get_adapter
 from ..config import LoraConfig
 from ..inject import compact_targets, model_modules
@@ -85,6 +86,7 @@ def save_adapter(
         for k, v in copy.state_dict().items():
             tensors[f"{keys.PREFIX}{module_name}.{k}"] = v.detach().clone()
     tensors.update(_biases(model, adapter))
+    tensors.update(param_lora.file_tensors(model, name, adapter.param_targets))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 

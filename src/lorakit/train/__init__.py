@@ -5,7 +5,7 @@ Layout (one file per concern):
     loop.py       the training loop, read top to bottom
     checkpoint.py atomic checkpoints and exact resume
     metrics.py    metrics.jsonl, the progress line, loss.png
-    distributed.py  data parallel over torchrun processes (gloo / NCCL)
+    distributed.py  DDP / FSDP2 over torchrun processes (gloo / NCCL), one or more nodes
     prepare.py    model + adapter set-up: quantization, trainable embeddings, new tokens
     evaluate.py   loss, perplexity and greedy exact match
     commands.py   registers the subcommands (cmd_*.py), each a thin layer over the library

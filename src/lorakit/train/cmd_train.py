@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from ..config import INIT_METHODS
-from .config import LOSS_TYPES, MODES, OPTIMIZERS, QUANTIZE, SCHEDULERS, TRACKERS, TrainConfig
+from .config import DISTRIBUTED, LOSS_TYPES, MODES, OPTIMIZERS, QUANTIZE, SCHEDULERS, TRACKERS, TrainConfig
 
 
 def register(sub) -> None:
@@ -51,6 +51,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--train-embeddings", action="store_true", default=None, help="cpt: train embeddings + head"
     )
     g.add_argument("--new-tokens", metavar="FILE", help="add these tokens (one per line); their rows train")
+    g.add_argument(
+        "--target-parameters",
+        help="parameters to adapt too, e.g. fused MoE experts: mlp.experts.down_proj,...",
+    )
     g = p.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -88,6 +92,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
     g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
     g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
+    g.add_argument(
+        "--distributed", choices=DISTRIBUTED, help="under torchrun: ddp (default) or fsdp (base sharded)"
+    )
     add_everyday_arguments(p)
     _show_defaults(p)
 

@@ -16,6 +16,7 @@ QUANTIZE = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -54,6 +55,10 @@ class TrainConfig:
         scheduler: after warmup, cosine to 0, linear to 0, or constant.
         lora_plus_ratio: LoRA+: the B matrices train at lr x this ratio (None: off; 16 is the paper's).
         init: the adapter init (LoraConfig.init: default, gaussian, pissa, olora, loftq; see lorakit.inits).
+        target_parameters: parameters to adapt besides `targets`, e.g. fused MoE experts
+            "mlp.experts.gate_up_proj,mlp.experts.down_proj" (lorakit.param_lora).
+        distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
+            "fsdp" (FSDP2: the base sharded across processes; without torchrun, FSDP over one process).
     """
 
     model: str = "default"
@@ -103,6 +108,8 @@ class TrainConfig:
     scheduler: str = "cosine"
     lora_plus_ratio: float | None = None
     init: str = "default"
+    distributed: str = "ddp"
+    target_parameters: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +127,8 @@ class TrainConfig:
             raise bad("mode", f"one of {MODES}")
         if self.quantize not in QUANTIZE:
             raise bad("quantize", f"one of {QUANTIZE}")
+        if self.distributed not in DISTRIBUTED:
+            raise bad("distributed", f"one of {DISTRIBUTED}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise bad("rank", "a positive integer")
         for name in ("batch_size", "grad_accum", "max_len", "log_every"):

@@ -63,7 +63,7 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
         NonFiniteLoss: the loss diverged (the last checkpoint is kept).
         KeyboardInterrupt: Ctrl-C or SIGTERM, after saving a checkpoint to resume from.
     """
-    ctx = distributed.init()
+    ctx = distributed.init(cfg.distributed)
     if cfg.device != "auto" and ctx.world == 1:
         from ..models import resolve_device
 
@@ -144,8 +144,14 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     # 4. Held-out metrics after training, then what the adapter needs, written by rank 0 only.
     results: dict[str, Any] = {}
+    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
+    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
+        with engine.evaluating() as m:
+            after = evaluate(m, tokenizer, held_out)
+    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
+        if ctx.is_main:
+            save_prepared(prepared, output)
     if ctx.is_main:
-        after = evaluate(model, tokenizer, held_out) if held_out else None
         if after is not None:
             say(f"after:  {_fmt(after)}")
         save_prepared(prepared, output)
@@ -208,8 +214,7 @@ def fit(
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
         raise ValueError("no training examples")
-    optimizer = optim.build(params, cfg)  # --optimizer, LoRA+ param groups
-    session = _Run(model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say)
+    session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say)
     session.start_or_resume()
     # Preference objectives batch their own (paired) rows: packing is for token-level losses.
     session.packed = session.objective is None and packing.choose(model, cfg.packing, say)
@@ -272,9 +277,9 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
 class _Run:
     """The state of one `fit`: its shape, the optimizer, the step counters, and the step's pieces."""
 
-    def __init__(self, model, examples, cfg, ctx, params, optimizer, pad_id, eval_examples, stream, say):
+    def __init__(self, model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say):
         self.model, self.examples, self.cfg, self.ctx = model, examples, cfg, ctx
-        self.params, self.plist, self.optimizer = params, list(params.values()), optimizer
+        self.params, self.plist = params, list(params.values())
         self.pad_id, self.eval_examples, self.stream, self.say = pad_id, eval_examples, stream, say
         self.output = Path(cfg.output)
         self.device = next(p.device for p in model.parameters())
@@ -300,27 +305,37 @@ class _Run:
         self.t0 = time.perf_counter()
 
     def start_or_resume(self) -> None:
-        """Start fresh, or from the newest checkpoint with --resume; open metrics.jsonl."""
+        """Start fresh, or from the newest checkpoint with --resume; put the model under its engine (single,
+        DDP or FSDP) and build the optimizer on the engine's parameters; open metrics.jsonl.
+
+        A fresh adapter is broadcast (full tensors) before the engine wraps the model; a checkpoint (full
+        tensors) is cut into this rank's FSDP shards after."""
         cfg, ctx, output = self.cfg, self.ctx, self.output
         found = checkpoint.latest(output)
-        if cfg.resume and found is not None:
-            ckpt = checkpoint.load(found)
-            checkpoint.check_config(ckpt, cfg.to_dict(), self.global_batch)
-            checkpoint.restore(ckpt, self.params, self.optimizer, ctx.rank)
-            optim.after_restore(self.optimizer)
-            self.start, self.tokens, self.seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
-            self.say(f"resuming from {found} (step {self.start}/{self.total})")
-        elif found is not None:
+        if found is not None and not cfg.resume:
             raise ValueError(
                 f"{output} holds a checkpoint of an unfinished run ({found.name}): pass --resume to continue "
                 "it, or choose another --output"
             )
+        if found is None and distributed.engine_of(self.model) is None:
+            distributed.broadcast_params(ctx, self.plist)
+        self.engine = distributed.wrap(self.model, ctx, cfg.distributed)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}  # FSDP: DTensors
+        self.plist = list(self.params.values())
+        self.optimizer = optim.build(self.params, cfg)  # --optimizer, LoRA+ param groups
+        if found is not None:
+            ckpt = checkpoint.load(found)
+            checkpoint.check_config(ckpt, cfg.to_dict(), self.global_batch)
+            ckpt = distributed.check_resume(ckpt, ctx, cfg.dropout)
+            checkpoint.restore(self.engine.localize(ckpt, self.params), self.params, self.optimizer, ctx.rank)
+            optim.after_restore(self.optimizer)
+            self.start, self.tokens, self.seconds_before = ckpt.step, ckpt.tokens, ckpt.elapsed
+            self.say(f"resuming from {found} (step {self.start}/{self.total})")
         else:
             if cfg.resume:
                 self.say(f"--resume: no checkpoint in {output}; starting from step 0")
             if ctx.is_main:
                 checkpoint.discard_results(output)  # this output now holds an unfinished run
-            distributed.broadcast_params(ctx, self.plist)
             if ctx.world > 1:
                 torch.manual_seed(cfg.seed + ctx.rank)  # distinct dropout masks per process
         self.last_saved = self.start
@@ -362,22 +377,25 @@ class _Run:
         n_loss = max(1, sum(self.loss_tokens[i] for i in rows))
         mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
         lr = set_lr(self.optimizer, self.cfg, step, self.total, self.warmup)
-        # Gradients add up in .grad over the micro-batches (and over processes in sum_grads).
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
+        # Each micro-batch's loss runs inside the engine's wrapper (DDP / FSDP see the forward); gradients
+        # are summed over ranks once, in the last micro-batch's backward.
         if self.objective is not None:
-            for m in range(accum):
-                micro = [self.examples[i] for i in mine[m * bs : (m + 1) * bs]]
-                s, _, sums = self.objective.micro_loss(self.model, micro, self.pad_id)
-                extra = {k: extra.get(k, 0.0) + v for k, v in sums.items()}
-                (s / n_loss).backward()
-                loss_sum += s.detach().double()
+            obj, pad = self.objective, self.pad_id
+            micros = [[self.examples[i] for i in mine[m * bs : (m + 1) * bs]] for m in range(accum)]
+            steps = [functools.partial(obj.micro_loss, examples=micro, pad_id=pad) for micro in micros]
         else:
-            for batch in self.micro_batches(mine):
-                s, _ = micro_batch_loss(self.model, batch, self.cfg)
+            steps = [
+                functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)
+            ]
+        for m, fn in enumerate(steps):
+            with self.engine.micro_step(last=m == len(steps) - 1):
+                s, _, *sums = self.engine.run(fn)
                 (s / n_loss).backward()
-                loss_sum += s.detach().double()
-        distributed.sum_grads(ctx, self.plist)
+            for k, v in (sums[0] if sums else {}).items():
+                extra[k] = extra.get(k, 0.0) + v
+            loss_sum += s.detach().double()
         loss = distributed.sum_scalar(ctx, float(loss_sum), self.device) / n_loss
         self.extra = {
             k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
@@ -418,14 +436,15 @@ class _Run:
                  "elapsed": round(self.elapsed(), 3), **self.extra}
             )  # fmt: skip
         if cfg.eval_every and self.eval_examples and (done % cfg.eval_every == 0 or done == self.total):
-            if ctx.is_main:
-                ev = (
-                    self.objective.evaluate(self.model, self.eval_examples, cfg.batch_size, self.pad_id)
-                    if self.objective
-                    else eval_loss(
-                        self.model, self.eval_examples, cfg.batch_size, self.pad_id, cfg.loss_chunk
+            ev = None
+            if ctx.is_main or self.engine.sharded:  # FSDP: every rank takes part in the forwards
+                with self.engine.evaluating() as m:
+                    ev = (
+                        self.objective.evaluate(m, self.eval_examples, cfg.batch_size, self.pad_id)
+                        if self.objective
+                        else eval_loss(m, self.eval_examples, cfg.batch_size, self.pad_id, cfg.loss_chunk)
                     )
-                )
+            if ctx.is_main:
                 self.log.write({"step": done, **ev})
                 self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
@@ -446,11 +465,13 @@ class _Run:
     def save_checkpoint(self, done: int) -> Path:
         ctx = self.ctx
         rngs = distributed.gather(ctx, checkpoint.rng_state())
+        # FSDP: every rank gathers the trainable tensors (never the frozen base).
+        full, state = self.engine.full_state(self.params, self.optimizer)
         path = None
         if ctx.is_main:
             path = checkpoint.save(
                 self.output, step=done, tokens=self.tokens, elapsed=self.elapsed(), config=self.cfg.to_dict(),
-                params=self.params, optimizer=self.optimizer, rngs=rngs, global_batch=self.global_batch,
+                params=full, optimizer=state, rngs=rngs, global_batch=self.global_batch,
             )  # fmt: skip
         distributed.barrier(ctx)
         self.last_saved = done

@@ -93,6 +93,7 @@ def prepare(
         alpha=cfg.alpha,
         dropout=cfg.dropout,
         targets=parse_targets(cfg.targets),
+        target_parameters=_split(cfg.target_parameters),
         base_model_name_or_path=str(cfg.model),
         init=cfg.init,
         **extra,
@@ -178,6 +179,13 @@ def parse_targets(targets: str | list[str]) -> str | list[str]:
     if re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", targets.strip()):
         return [t.strip() for t in targets.split(",")]
     return targets
+
+
+def _split(names: str | list[str] | None) -> list[str] | None:
+    """--target-parameters: comma-separated parameter names (or a YAML list); None or "" for none."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return list(names) if names else None
 
 
 def prepare_kbit(model: nn.Module) -> str:
