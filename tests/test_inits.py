@@ -78,7 +78,7 @@ def test_loftq_adapter_replaces_the_base_by_nf4_values():
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, targets=TARGETS, init="loftq"))
     layer = model.model.layers[0].self_attn.q_proj
     A, B, Q, keep = residual_factors("loftq", W, 4, 2.0)
-    assert not keep and not hasattr(layer.lora["default"], "pissa_init")
+    assert not keep and layer.lora["default"].pissa_init is None
     torch.testing.assert_close(layer.weight, Q, atol=0, rtol=0)
     torch.testing.assert_close(layer.lora["default"].A, A, atol=0, rtol=0)
     delta = layer.weight + 2.0 * layer.lora["default"].B @ layer.lora["default"].A

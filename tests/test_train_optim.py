@@ -68,13 +68,23 @@ def test_lora_plus_without_B_is_refused():
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_each_optimizer_trains_and_resumes_exactly(tmp_path, name):
+def test_each_optimizer_trains_and_resumes_exactly(tmp_path, name, monkeypatch):
     steps, kw = 8, {"optimizer": name, "lora_plus_ratio": 4.0 if name == "adamw" else None, "lr": 5e-3}
     full = model_with_adapter()
-    fit(full, examples(), config(tmp_path / "full", steps=steps, save_every=4, **kw), pad_id=0)
-    # Resume from the step-4 checkpoint of another run directory into a model with other adapter values.
     out = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoint", out / "checkpoint")
+    save = checkpoint.save
+
+    def save_and_keep_step_4(output, step, **kw):  # a finished run keeps only its final checkpoint
+        path = save(output, step=step, **kw)
+        if step == 4:
+            shutil.copytree(path, out / "checkpoint" / path.name)
+            (out / "checkpoint" / "LATEST").write_text(path.name)
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_and_keep_step_4)
+    fit(full, examples(), config(tmp_path / "full", steps=steps, save_every=4, **kw), pad_id=0)
+    monkeypatch.setattr(checkpoint, "save", save)
+    # Resume from the step-4 checkpoint, in another run directory, into a model with other adapter values.
     assert checkpoint.latest(out).name == "step-000004"
     resumed = model_with_adapter()
     randomize_adapters(resumed, seed=5)  # everything must come from the checkpoint

@@ -147,12 +147,14 @@ def main() -> int:
     p.add_argument("--report-memory", action="store_true", help="write OUT/memory-rank<r>.json")
     p.add_argument("--quantized-model", default="", help="a model directory, loaded in 4-bit (QLoRA)")
     p.add_argument("--moe", action="store_true", help="a tiny Mixtral with LoRA on its fused experts")
+    p.add_argument("--no-packing", action="store_true", help="pad every micro-batch (packing off)")
     a = p.parse_args()
     torch.set_num_threads(1)
     ctx = distributed.init(a.distributed)
     cfg = config(
         a.output, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, save_every=a.save_every,
         dropout=a.dropout, resume=a.resume, distributed=a.distributed, loss_chunk=a.loss_chunk,
+        packing=False if a.no_packing else None,
     )  # fmt: skip
     model = model_with_adapter(
         dropout=a.dropout, checkpointing=a.gradient_checkpointing, quantized=a.quantized_model, moe=a.moe

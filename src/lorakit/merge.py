@@ -26,8 +26,8 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(f"only active adapters can be merged; {inactive} are not active ({active})")
-    layers = [layer for _, layer in lora_layers(model)] + [m for _, m in param_lora.layers(model)]
-    if any(layer.merged for layer in layers):
+    layers = list(lora_layers(model)) + list(param_lora.layers(model))
+    if any(layer.merged for _, layer in layers):
         raise RuntimeError("adapters are already merged; unmerge before merging again")
     _check_untied(model, names)
     done: list[tuple[LoraLayer, str]] = []
@@ -46,6 +46,9 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
 
 def _merge_finite(layer: LoraLayer, name: str, module_name: str) -> None:
     """layer.merge_adapter(name), undone exactly (from a copy of W) when it leaves W non-finite."""
+    if not isinstance(getattr(layer, "weight", None), torch.Tensor):  # param_lora: checked at load only
+        layer.merge_adapter(name)
+        return
     before = layer.weight.detach().clone()
     layer.merge_adapter(name)
     bad = int((~torch.isfinite(layer.weight.detach())).sum())

@@ -197,7 +197,8 @@ class _Checker:
         missing = [n for n in expected if n not in self.plan.lora]
         if missing:
             raise self.fail(
-                f"no LoRA tensors for modules {missing} that target_modules in {CONFIG_NAME} selects"
+                f"no LoRA tensors for {len(missing)} modules that target_modules in {CONFIG_NAME} selects on "
+                f"this model (e.g. {_examples(missing)}): was it made for a different base model?"
             )
         extra = [n for n in self.plan.lora if n not in expected]
         if extra:

@@ -115,13 +115,13 @@ def save_prepared(prepared: Prepared, output_dir: str | os.PathLike) -> Path:
     from ..data.templates import SAVED_NAME
 
     def extra(stage: Path) -> None:
-        if prepared.new_token_ids:
+        if prepared.new_token_ids:  # the tokenizer files carry its template (SAVED_NAME) themselves
             prepared.tokenizer.save_pretrained(str(stage))
-        if prepared.chat_template is not None:
+        elif prepared.chat_template is not None:
             (stage / SAVED_NAME).write_text(prepared.chat_template)
 
     out = save_adapter(prepared.model, output_dir, extra=extra)
-    if prepared.chat_template is None:
+    if not prepared.new_token_ids and prepared.chat_template is None:
         (out / SAVED_NAME).unlink(missing_ok=True)  # an overwritten run's template is not this run's
     return out
 
