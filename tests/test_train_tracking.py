@@ -119,7 +119,7 @@ def test_wandb_offline_run_files(tracked_run):
     assert config["lr"] == cfg.lr and config["steps"] == 4
 
 
-@pytest.mark.skipif("trackio" not in TRACKERS, reason="trackio not installed")
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio not installed")
 def test_trackio_local_store(tracked_run):
     out, records, results, cfg = tracked_run
     db = sqlite3.connect(out / "trackio" / "lorakit.db")
