@@ -77,14 +77,14 @@ def config(output, **kw) -> TrainConfig:
 
 def stop_after(steps: int) -> None:
     """Ask the loop to stop (as Ctrl-C does) during step `steps`: it finishes that step and checkpoints."""
-    plain = loop.lr_factor
+    plain = loop.set_lr
 
-    def factor(step, total, warmup):
+    def set_lr(optimizer, cfg, step, total, warmup):
         if step == steps - 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return plain(step, total, warmup)
+        return plain(optimizer, cfg, step, total, warmup)
 
-    loop.lr_factor = factor
+    loop.set_lr = set_lr
 
 
 def held_base_bytes(model) -> int:

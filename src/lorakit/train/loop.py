@@ -154,7 +154,6 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     if ctx.is_main:
         if after is not None:
             say(f"after:  {_fmt(after)}")
-        save_prepared(prepared, output)
         _save_system_prompt(train, output)
         replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
         results = {
@@ -215,9 +214,15 @@ def fit(
     if not examples:
         raise ValueError("no training examples")
     session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say)
+    # Preference objectives batch their own (paired) rows: packing is for token-level losses. The probe runs
+    # the plain model, before DDP wraps it; under FSDP the base is sharded and every micro-batch is padded.
+    if cfg.distributed == "fsdp" and session.objective is None:
+        if cfg.packing:
+            raise ValueError("--packing with --distributed fsdp is not supported: use --no-packing or ddp")
+        say("packing off under --distributed fsdp: each micro-batch is padded")
+    elif session.objective is None:
+        session.packed = packing.choose(model, cfg.packing, say)
     session.start_or_resume()
-    # Preference objectives batch their own (paired) rows: packing is for token-level losses.
-    session.packed = session.objective is None and packing.choose(model, cfg.packing, say)
     if session.packed:
         say(
             f"packing: each step's rows in sequences, at most {cfg.batch_size * cfg.max_len} tokens a "
