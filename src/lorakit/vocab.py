@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .textfile import read_utf8
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -28,14 +30,7 @@ def read_new_tokens(path: str | os.PathLike, tokenizer) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--new-tokens file {path} not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ValueError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 text"
-        ) from err
+    text = read_utf8(path, "UTF-8 text")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

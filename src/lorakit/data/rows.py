@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..textfile import read_utf8
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -92,14 +94,7 @@ def _starts_with(path: Path, char: str) -> bool:
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, dict | DataError]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); expected UTF-8 text"
-        ) from err
+    text = read_utf8(path, "UTF-8 text", DataError, encoding="utf-8-sig")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
