@@ -109,3 +109,58 @@ def test_train_init_option(tmp_path):
     assert p.lora_config.init == "olora" and layer.lora["default"].B.abs().sum() > 0  # B = Q, not zeros
     with pytest.raises(ValueError, match="--init loftq .* drop --quantize"):
         TrainConfig(init="loftq", quantize="4bit")
+
+
+def peft_loftq_init_on_cpu():
+    """PEFT's own `loftq_init`, run on the CPU: its source with only the hard-coded compute device changed.
+
+    PEFT 0.21 runs LoftQ on CUDA / XPU only (`compute_device = "xpu" if ... else "cuda"`); bitsandbytes >= 0.45
+    quantizes NF4 on the CPU too, so the rest of PEFT's code (bnb's Params4bit quantize, dequantize_4bit, SVD,
+    the alternation) runs unchanged. Fails loudly if that line changes in a later PEFT.
+    """
+    import inspect
+
+    import peft.utils.loftq_utils as lu
+
+    src = inspect.getsource(lu.loftq_init)
+    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    assert line in src, "PEFT's loftq_init changed: update this test's CPU patch"
+    namespace = dict(vars(lu))
+    exec(src.replace(line, 'compute_device = "cpu"'), namespace)
+    return namespace["loftq_init"]
+
+
+@pytest.mark.skipif(bool(bnb_unusable()), reason=bnb_unusable() or "ok")
+@pytest.mark.parametrize("num_iter", [1, 3])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_loftq_factors_equal_peft_on_the_same_weights(num_iter, scale):
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    Q_ref, A_ref, B_ref = peft_loftq_init_on_cpu()(W, num_bits=4, reduced_rank=8, num_iter=num_iter)
+    A, B, Q = loftq_factors(W, 8, scale, num_iter)
+    torch.testing.assert_close(Q, Q_ref, atol=1e-6, rtol=0)  # the same NF4 residual base
+    # PEFT fits B_ref A_ref to W - Q ignoring the scaling s (exact only when lora_alpha = r); lorakit divides
+    # the factors by s, so s·B A = B_ref A_ref: each factor is PEFT's over √s (the split is the same √S).
+    torch.testing.assert_close(A * scale**0.5, A_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(B * scale**0.5, B_ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(bool(bnb_unusable()), reason=bnb_unusable() or "ok")
+def test_loftq_model_equals_peft_on_the_same_weights(ids, monkeypatch):
+    import peft.tuners.lora.layer as peft_layer
+    from peft import LoftQConfig, get_peft_model
+    from peft import LoraConfig as PeftConfig
+
+    monkeypatch.setattr(peft_layer, "loftq_init", peft_loftq_init_on_cpu())  # imported there by name
+    ours = tiny_llama()  # alpha = r: s = 1, where PEFT's init is the LoftQ fit (see the factor test above)
+    lorakit.add_adapter(ours, lorakit.LoraConfig(r=4, alpha=4, targets=TARGETS, init="loftq"))
+    cfg = PeftConfig(
+        r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="loftq", loftq_config=LoftQConfig(4, 1)
+    )
+    peft = get_peft_model(tiny_llama(), cfg)
+    for n, layer in lorakit.adapters.lora_layers(ours):
+        ref = peft.base_model.model.get_submodule(n)
+        torch.testing.assert_close(layer.weight, ref.base_layer.weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.lora["default"].A, ref.lora_A["default"].weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.lora["default"].B, ref.lora_B["default"].weight, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, peft(ids).logits, atol=1e-5, rtol=0)
