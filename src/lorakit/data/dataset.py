@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import Example, check_row, detect_format, encode_sft, pack_text
+from .formats import Example, check_row, detect_format, encode_sft, pack_text, with_system
 from .rows import DataError, read_rows
 
 MODES = ("sft", "cpt")
@@ -41,6 +41,7 @@ def load_dataset(
     max_len: int = 512,
     skip_bad_rows: bool = False,
     truncate: bool = False,
+    system: str | None = None,
 ) -> Dataset:
     """Read and tokenize a JSONL / CSV / Parquet file. The format is detected from the file's first row.
 
@@ -54,6 +55,7 @@ def load_dataset(
         skip_bad_rows: skip and count bad or too long rows instead of raising at the first.
         truncate: cut SFT rows longer than `max_len` to their first `max_len` tokens (counted in `truncated`;
             the loss covers the answer tokens that remain).
+        system: a system prompt for the SFT rows that have none (`lorakit eval` of a run: the run's prompt).
 
     Raises:
         FileNotFoundError: no such file.
@@ -90,6 +92,7 @@ def load_dataset(
                     f"{where}: a {found!r} row in a file of {fmt!r} rows; expected one format per file"
                 )
             check_row(row, fmt, where)
+            row = with_system(row, fmt, system)
             if fmt != "text":
                 ex = encode_sft(row, fmt, tokenizer, where)
                 if len(ex.input_ids) > max_len and truncate:

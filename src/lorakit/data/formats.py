@@ -109,6 +109,19 @@ def as_messages(row: dict, fmt: str) -> list[dict]:
     ]
 
 
+def with_system(row: dict, fmt: str, system: str | None) -> dict:
+    """`row` with `system` as its system prompt when it has none (a "messages" or "prompt" row; others as
+    they are). A row's own system prompt wins; `system` None or "" changes nothing."""
+    if not system or fmt not in ("messages", "prompt"):
+        return row
+    if fmt == "prompt":
+        return row if row.get("system") else {**row, "system": system}
+    messages = row["messages"]
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        return row
+    return {**row, "messages": [{"role": "system", "content": system}, *messages]}
+
+
 def encode_sft(row: dict, fmt: str, tokenizer, where: str, last_only: bool = False) -> Example:
     """Token ids and labels for a checked "messages" or "prompt" row (no length limit applied here).
 

@@ -1,7 +1,8 @@
 """`lorakit eval`: loss, perplexity and (chat / prompt data) greedy exact match of a model + adapter.
 
 An adapter directory written by `lorakit train` (it holds train_config.yaml) supplies the defaults of
---max-len, --mode and --chat-template, so the loss is computed as training computed it.
+--max-len, --mode and --chat-template, so the loss is computed as training computed it, and its system prompt
+(system_prompt.txt: the one every training row shared) for the rows that have none (--system overrides).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def register(sub) -> None:
     p.add_argument(
         "--chat-template", metavar="FILE|NAME", help="default: the run's saved template, else the tokenizer's"
     )
+    p.add_argument(
+        "--system", help="system prompt for rows without one (default: the one every training row of "
+        "--adapter's run shared, if any; '' for none)",
+    )  # fmt: skip
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none")
     add_device(p)
     add_ignore_fingerprint(p)
@@ -54,7 +59,7 @@ def run(args) -> int:
     from ..data.templates import saved_template, set_chat_template
     from ..models import load_model
     from .evaluate import describe_dataset, evaluate
-    from .run_defaults import fill
+    from .run_defaults import fill, saved_system
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
@@ -63,6 +68,9 @@ def run(args) -> int:
     if not template_given and saved_template(args.adapter):
         args.chat_template = saved_template(args.adapter)
         taken.append("its chat template")
+    if args.system is None and saved_system(args.adapter):
+        args.system = saved_system(args.adapter)
+        taken.append("its system prompt (for rows without one)")
     if taken and not args.json:
         print(f"from {args.adapter}/train_config.yaml: {', '.join(taken)}", file=sys.stderr)
     model, tokenizer = load_model(
@@ -70,7 +78,7 @@ def run(args) -> int:
         ignore_fingerprint=args.ignore_fingerprint,
     )  # fmt: skip
     set_chat_template(tokenizer, args.chat_template)
-    dataset = load_eval_data(args.data, tokenizer, args.mode, args.max_len)
+    dataset = load_eval_data(args.data, tokenizer, args.mode, args.max_len, args.system or None)
     metrics = evaluate(
         model, tokenizer, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         progress=None if args.json else sys.stderr,
@@ -85,14 +93,15 @@ def run(args) -> int:
     return 0
 
 
-def load_eval_data(path, tokenizer, mode: str, max_len: int):
-    """load_dataset with the mode fitting the file: "text" rows are CPT, chat / prompt rows SFT."""
+def load_eval_data(path, tokenizer, mode: str, max_len: int, system: str | None = None):
+    """load_dataset with the mode fitting the file: "text" rows are CPT, chat / prompt rows SFT (with `system`
+    for the rows without a system prompt)."""
     from ..data import DataError, load_dataset
 
     if mode != "auto":
-        return load_dataset(path, tokenizer, mode=mode, max_len=max_len)
+        return load_dataset(path, tokenizer, mode=mode, max_len=max_len, system=system)
     try:
-        return load_dataset(path, tokenizer, mode="sft", max_len=max_len)
+        return load_dataset(path, tokenizer, mode="sft", max_len=max_len, system=system)
     except DataError as sft_error:
         try:
             return load_dataset(path, tokenizer, mode="cpt", max_len=max_len)
