@@ -4,6 +4,7 @@ offline; checked by reading back what each one wrote with its own reader."""
 from __future__ import annotations
 
 import glob
+import importlib
 import importlib.util
 import json
 import math
@@ -19,6 +20,19 @@ from test_train_run import write_rows
 TRACKERS = [t for t in ("tensorboard", "mlflow", "wandb", "trackio") if importlib.util.find_spec(t)]
 
 
+def usable_trackers() -> list[str]:
+    """The installed trackers that import: trackio 0.43 pins pillow < 13 and may be installed against a newer
+    one (it is not in the test extra for that reason); its tests then skip instead of failing every tracker."""
+    usable = []
+    for name in TRACKERS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - any import failure means: not usable here
+            continue
+        usable.append(name)
+    return usable
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """(output dir, metrics.jsonl records, results) of one tiny run reporting to every installed tracker."""
@@ -28,7 +42,7 @@ def tracked_run(tmp_path_factory):
     cfg = TrainConfig(
         model=str(tmp / "base"), data=str(write_rows(tmp / "t.jsonl", 16, 0)),
         eval_data=str(write_rows(tmp / "e.jsonl", 4, 1)), output=str(tmp / "out"), rank=2, steps=4,
-        batch_size=4, lr=1e-2, eval_every=2, log_every=1, report_to=",".join(TRACKERS),
+        batch_size=4, lr=1e-2, eval_every=2, log_every=1, report_to=",".join(usable_trackers()),
     )  # fmt: skip
     results = run(cfg)
     return tmp / "out", metrics.read(tmp / "out" / "metrics.jsonl"), results, cfg
@@ -119,9 +133,10 @@ def test_wandb_offline_run_files(tracked_run):
     assert config["lr"] == cfg.lr and config["steps"] == 4
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio not installed")
 def test_trackio_local_store(tracked_run):
     out, records, results, cfg = tracked_run
+    if "trackio" not in cfg.trackers():
+        pytest.skip("trackio not installed or not importable here (it pins pillow < 13)")
     db = sqlite3.connect(out / "trackio" / "lorakit.db")
     got = {}
     for step, blob in db.execute("select step, metrics from metrics"):

@@ -13,6 +13,14 @@ the start, and the held-out metrics before / after training at the end (`before/
 The packages are optional (`pip install 'lorakit[track]'`) and imported only when asked for. A tracker that
 fails to start is an error before training (not a silent gap in the records).
 
+`--resume` continues the same tracker runs: each run's id is saved in OUTPUT/trackers.json (atomically) when
+it starts; a resumed session reopens them (MLflow: the same run id, RUNNING again; wandb: the same id,
+resume="allow", a second offline-run directory that `wandb sync` appends; trackio: the same name,
+resume="allow"; TensorBoard: the same log dir, purge_step past what was logged) and sends only the records
+after the last step the trackers already got (metrics.jsonl's last step before the resume: the steps a killed
+session logged past its checkpoint are recomputed, equal, and not sent twice), so each tracker holds one run
+with increasing steps. The config is sent once, by the first session.
+
 How it hooks into the loop: `start(cfg, output)` before `fit` makes the trackers current; `MetricsLog.write`
 forwards each record to `forward`; `finish(results)` after the final evaluation closes them.
 """
@@ -20,6 +28,7 @@ forwards each record to `forward`; `finish(results)` after the final evaluation 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 from pathlib import Path
@@ -28,12 +37,22 @@ from typing import Any
 from .config import TrainConfig
 
 _current: list[Tracker] = []
+_after = {"step": -1}  # a resumed session sends only records after this step (the trackers have the rest)
+STATE_NAME = "trackers.json"  # {tracker name: what reopens its run}, written when the trackers start
 
 
 class Tracker:
-    """One backend: `log(record, step)` numbers at a step; `finish(summary)` the final numbers, then close."""
+    """One backend: `log(record, step)` numbers at a step; `finish(summary)` the final numbers, then close.
+
+    Constructed as `Backend(output, config, resumed, after)`: `resumed` is what `ref()` returned in the
+    session being resumed (None: a new run), `after` the last step that run already holds (-1: none).
+    """
 
     name = ""
+
+    def ref(self) -> dict[str, Any]:
+        """What reopens this run in a resumed session (saved in OUTPUT/trackers.json)."""
+        return {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -45,11 +64,15 @@ class Tracker:
 class TensorBoard(Tracker):
     name = "tensorboard"
 
-    def __init__(self, output: Path, config: dict[str, Any]):
+    def __init__(self, output: Path, config: dict[str, Any], resumed=None, after: int = -1):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output / "tensorboard"))
-        self.writer.add_text("config", _yaml(config))
+        # purge_step: readers drop what earlier event files hold at steps >= it (none, unless a kill came
+        # between a tracker's write and metrics.jsonl's), so the log dir reads as one run.
+        purge = after + 1 if resumed is not None and after >= 0 else None
+        self.writer = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge)
+        if resumed is None:
+            self.writer.add_text("config", _yaml(config))
         self.config = config
 
     def log(self, metrics, step):
@@ -66,7 +89,7 @@ class TensorBoard(Tracker):
 class MLflow(Tracker):
     name = "mlflow"
 
-    def __init__(self, output: Path, config: dict[str, Any]):
+    def __init__(self, output: Path, config: dict[str, Any], resumed=None, after: int = -1):
         # MLflow >= 3.8 refuses the file store unless asked (it is in maintenance mode, not removed); it needs
         # no database and no server, which is what an offline run wants.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -74,11 +97,29 @@ class MLflow(Tracker):
 
         self.uri = (output / "mlruns").absolute().as_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.run_id = self._reopen((resumed or {}).get("run_id"))
+        if self.run_id is not None:
+            return  # params were logged by the first session (MLflow refuses to change them)
         exp = self.client.get_experiment_by_name("lorakit")
         exp_id = exp.experiment_id if exp else self.client.create_experiment("lorakit")
         self.run_id = self.client.create_run(exp_id, run_name=output.name).info.run_id
         for k, v in config.items():
             self.client.log_param(self.run_id, k, "" if v is None else str(v)[:500])
+
+    def _reopen(self, run_id: str | None) -> str | None:
+        """The saved run marked RUNNING again, or None when there is none (or its store was removed)."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return None
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return None
+        return run_id
+
+    def ref(self):
+        return {"run_id": self.run_id}
 
     def log(self, metrics, step):
         for k, v in metrics.items():
@@ -93,14 +134,19 @@ class MLflow(Tracker):
 class Wandb(Tracker):
     name = "wandb"
 
-    def __init__(self, output: Path, config: dict[str, Any]):
+    def __init__(self, output: Path, config: dict[str, Any], resumed=None, after: int = -1):
         import wandb
 
         (output / "wandb").mkdir(parents=True, exist_ok=True)
+        run_id = (resumed or {}).get("run_id")
         self.run = wandb.init(
-            mode="offline", dir=str(output), project="lorakit", name=output.name, config=config,
+            mode="offline", dir=str(output), project="lorakit", name=output.name,
+            config=None if run_id else config, id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )  # fmt: skip
+
+    def ref(self):
+        return {"run_id": self.run.id}
 
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
@@ -114,16 +160,16 @@ class Wandb(Tracker):
 class Trackio(Tracker):
     name = "trackio"
 
-    def __init__(self, output: Path, config: dict[str, Any]):
-        # trackio reads its storage directory from the environment when it is imported.
-        os.environ["TRACKIO_DIR"] = str((output / "trackio").absolute())
+    def __init__(self, output: Path, config: dict[str, Any], resumed=None, after: int = -1):
+        _point_trackio_at(output / "trackio")
         import trackio
 
         self.trackio = trackio
         self.run = trackio.init(
             project="lorakit",
             name=output.name,
-            config=config,
+            config=None if resumed is not None else config,
+            resume="allow" if resumed is not None else "never",
             embed=False,
             auto_log_cpu=False,
             auto_log_gpu=False,
@@ -135,6 +181,22 @@ class Trackio(Tracker):
     def finish(self, summary):
         self.trackio.log({f"final/{k}": v for k, v in summary.items()})
         self.trackio.finish()
+
+
+def _point_trackio_at(path: Path) -> None:
+    """Make trackio store in `path`. It reads TRACKIO_DIR from the environment when it is imported and its
+    modules bind the directories by name (trackio 0.43), so a second run in one process (a sweep, the tests)
+    rebinds them in every trackio module already loaded; otherwise it would write into the first run's dir."""
+    import sys
+
+    path = path.absolute()
+    os.environ["TRACKIO_DIR"] = str(path)
+    dirs = {"TRACKIO_DIR": path, "MEDIA_DIR": path / "media", "ARTIFACTS_DIR": path / "artifacts"}
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name == "trackio" or name.startswith("trackio.")):
+            for attr, value in dirs.items():
+                if isinstance(getattr(module, attr, None), Path):
+                    setattr(module, attr, value)
 
 
 BACKENDS: dict[str, type[Tracker]] = {
@@ -153,15 +215,38 @@ def start(cfg: TrainConfig, output: str | os.PathLike) -> list[Tracker]:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     config = cfg.to_dict()
+    saved = _saved_state(output) if cfg.resume else {}
+    _after["step"] = _logged_upto(output) if saved else -1
     for name in cfg.trackers():
         try:
-            _current.append(BACKENDS[name](output, config))
+            _current.append(BACKENDS[name](output, config, saved.get(name), _after["step"]))
         except ImportError as err:
             finish(None)
             raise ImportError(
                 f"--report-to {name} needs the {PACKAGES[name]} package: pip install 'lorakit[track]' ({err})"
             ) from err
+    if _current:
+        from ..atomic import write_text
+
+        write_text(output / STATE_NAME, json.dumps({t.name: t.ref() for t in _current}, indent=1) + "\n")
     return list(_current)
+
+
+def _saved_state(output: Path) -> dict[str, Any]:
+    """OUTPUT/trackers.json of the session being resumed ({} when none or unreadable: new tracker runs)."""
+    try:
+        data = json.loads((output / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _logged_upto(output: Path) -> int:
+    """The last step metrics.jsonl holds (read before the resumed loop drops the steps past its checkpoint):
+    every record goes to metrics.jsonl, then to the trackers, so they hold the steps up to it."""
+    from .metrics import read
+
+    return max((int(r.get("step", 0)) for r in read(output / "metrics.jsonl")), default=-1)
 
 
 def forward(record: dict[str, Any]) -> None:
@@ -169,6 +254,8 @@ def forward(record: dict[str, Any]) -> None:
     if not _current:
         return
     step = int(record.get("step", 0))
+    if step <= _after["step"]:
+        return  # a resumed session: the trackers' runs already hold this step
     metrics = {k: float(v) for k, v in record.items() if k != "step" and _number(v)}
     for tracker in _current:
         tracker.log(metrics, step)
