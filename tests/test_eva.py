@@ -88,3 +88,32 @@ def test_eva_components_stop_after_max_batches():
         torch.testing.assert_close(A.float() @ A.float().T, torch.eye(A.shape[0]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rho=0.5"):
         eva_components(model, batches(), {names[0]: 4}, rho=0.5)
+
+
+@pytest.mark.slow  # a whole `lorakit train` run with EVA until convergence at tau 0.99 (~25 s on a busy CPU)
+def test_train_init_eva_uses_the_training_rows(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_tokenizer
+    from lorakit.data import collate, load_dataset
+    from lorakit.train import TrainConfig, run
+
+    tok = tiny_tokenizer()
+    tiny_llama(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": f"say {i}", "completion": f"the number {i} twice: {i} {i}"} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(model=str(tmp_path / "base"), data=str(data), output=str(tmp_path / "out"), rank=4,
+                      targets="q_proj,v_proj,o_proj", steps=1, batch_size=4, init="eva")  # fmt: skip
+    run(cfg)
+    assert "eva: A from the layer inputs of" in capsys.readouterr().err
+    # The saved ranks are EVA's on the same batches (the run's rows, --batch-size at a time, in file order).
+    examples = load_dataset(data, tok, max_len=cfg.max_len).examples
+    batches = [collate(examples[i : i + 4], tok.pad_token_id) for i in range(0, 12, 4)]
+    model = tiny_llama(vocab=len(tok))
+    names = find_targets(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj", "o_proj"]))
+    want = eva_components(model, batches, {n: 4 for n in names}, rho=2.0, tau=0.99, max_batches=64).ranks
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    got = {n: saved["rank_pattern"].get(n.replace(".", "\\."), saved["r"]) for n in names if want[n]}
+    assert got == {n: k for n, k in want.items() if k} and len(set(want.values())) > 1

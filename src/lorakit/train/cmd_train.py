@@ -115,7 +115,9 @@ def add_everyday_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, help="the lr after warmup")
     g.add_argument("--lora-plus-ratio", type=float, metavar="RATIO", help="LoRA+: B's lr = lr x RATIO")
     g.add_argument(
-        "--init", choices=INIT_METHODS, help="adapter init; pissa / olora / loftq derive A, B from W"
+        "--init",
+        choices=(*INIT_METHODS, "eva"),
+        help="adapter init; pissa / olora / loftq derive A, B from W; eva: A from the data's layer inputs",
     )
 
 

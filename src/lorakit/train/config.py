@@ -56,7 +56,8 @@ class TrainConfig:
         optimizer: adamw, adamw8bit (bitsandbytes), sgd (momentum 0.9) or adafactor.
         scheduler: after warmup, cosine to 0, linear to 0, or constant.
         lora_plus_ratio: LoRA+: the B matrices train at lr x this ratio (None: off; 16 is the paper's).
-        init: the adapter init (LoraConfig.init: default, gaussian, pissa, olora, loftq; see lorakit.inits).
+        init: the adapter init (LoraConfig.init: default, gaussian, pissa, olora, loftq; see lorakit.inits;
+            or eva: A from the training rows' layer inputs, see lorakit.train.eva_init).
         target_parameters: parameters to adapt besides `targets`, e.g. fused MoE experts
             "mlp.experts.gate_up_proj,mlp.experts.down_proj" (lorakit.param_lora).
         distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
@@ -180,8 +181,8 @@ class TrainConfig:
             raise bad("report_to", f"a comma-separated list of {TRACKERS} (unknown: {unknown})")
         from ..config import INIT_METHODS
 
-        if self.init not in INIT_METHODS:
-            raise bad("init", f"one of {INIT_METHODS}")
+        if self.init not in (*INIT_METHODS, "eva"):  # eva: lorakit.train.eva_init (it needs the data)
+            raise bad("init", f"one of {(*INIT_METHODS, 'eva')}")
         if self.init == "loftq" and self.quantize != "none":
             raise ValueError(
                 "--init loftq replaces the full-precision base weights by NF4 values and fits the adapter to "

@@ -118,6 +118,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     )  # fmt: skip
     train = load(train_path)
     held_out = load(eval_path) if eval_path else None
+    if cfg.init == "eva":
+        from .eva_init import reinit_with_eva
+
+        reinit_with_eva(prepared, train.examples, cfg.batch_size, _pad_id(tokenizer), say)
     counts = adapters.trainable_parameters(model)
     for note in prepared.notes:
         say(note)

@@ -95,7 +95,7 @@ def prepare(
         targets=parse_targets(cfg.targets),
         target_parameters=_split(cfg.target_parameters),
         base_model_name_or_path=str(cfg.model),
-        init=cfg.init,
+        init="default" if cfg.init == "eva" else cfg.init,  # eva: re-made once the data is loaded (eva_init)
         **extra,
     )
     if cfg.quantize != "none":
