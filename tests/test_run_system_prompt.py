@@ -87,3 +87,25 @@ def test_generate_uses_the_runs_system_prompt_and_system_overrides(run_dir, caps
     for flags, system in (([], SYSTEM), (["--system", ""], None), (["--system", "Be terse."], "Be terse.")):
         assert main([*common, *flags]) == 0
         assert capsys.readouterr().out.rstrip("\n") == want[system]
+
+
+def test_training_heldout_metrics_equal_eval_of_the_saved_adapter(tmp_path, capsys):
+    """Training rows share a system prompt, held-out rows have none: the run's after-training loss is the
+    one `lorakit eval --adapter RUN` reports (both give the held-out rows the run's system prompt)."""
+    from lorakit.train import TrainConfig, run
+
+    tok = tiny_tokenizer()
+    tiny_llama(vocab=len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": f"March {i}, 2020", "completion": f"2020-03-{i:02d}"} for i in range(1, 9)]
+    train = _write(tmp_path / "t.jsonl", [{**r, "system": SYSTEM} for r in rows])
+    held = _write(tmp_path / "e.jsonl", rows[:4])
+    cfg = TrainConfig(model=str(tmp_path / "base"), data=train, eval_data=held, output=str(tmp_path / "out"),
+                      rank=2, steps=2, batch_size=4, lr=1e-2)  # fmt: skip
+    results = run(cfg)
+    capsys.readouterr()
+    got = _eval(capsys, "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "out"), "--data", held)
+    assert got["loss"] == pytest.approx(results["after"]["loss"], rel=1e-5)
+    without = _eval(capsys, "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "out"), "--data",
+                    held, "--system", "")  # fmt: skip
+    assert abs(without["loss"] - results["after"]["loss"]) > 1e-4  # the prompt made the difference

@@ -40,6 +40,7 @@ from .evaluate import heldout_loss, perplexity
 from .metrics import MetricsLog, Progress, plot_loss
 from .preference.objective import MODES as PREFERENCE_MODES
 from .preference.objective import objective_for
+from .run_defaults import common_system
 from .signals import _Silent, _StopSignal
 
 
@@ -117,7 +118,9 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         truncate=cfg.truncate,
     )  # fmt: skip
     train = load(train_path)
-    held_out = load(eval_path) if eval_path else None
+    # Held-out rows without a system prompt get the one every training row shared, as `lorakit eval` of the
+    # saved adapter gives them (run_defaults), so both report the same numbers.
+    held_out = load(eval_path, system=common_system(train.rows, train.format)) if eval_path else None
     if cfg.init == "eva":
         from .eva_init import reinit_with_eva
 
