@@ -140,9 +140,14 @@ def eva_components(
             f"eva: batches={len(batches)}, rho={rho}, tau={tau}, max_batches={max_batches} invalid: expected "
             "at least one batch, rho >= 1, 0 <= tau <= 1, max_batches >= 1"
         )
-    device = next(model.parameters()).device
+    device, was_training = next(model.parameters()).device, model.training
     max_comp = {n: round(r * rho) for n, r in ranks.items()}
-    groups = _equal_input_groups(model, list(ranks), _on(batches[0], device), use_label_mask)
+    model.eval()  # no dropout in the layer inputs (restored below)
+    try:
+        groups = _equal_input_groups(model, list(ranks), _on(batches[0], device), use_label_mask)
+    except BaseException:
+        model.train(was_training)
+        raise
     rep_of = {member: g[0] for g in groups for member in g[1:]}
     for g in groups:
         for n in g:
@@ -150,8 +155,7 @@ def eva_components(
     layers = {n: _Layer(max_comp[n], tau) for n in ranks if n not in rep_of}
     hook_map = {**{n: n for n in layers}, **rep_of}
     handles = [model.get_submodule(n).register_forward_hook(layers[n]) for n in layers]
-    rank_dist, fed, converged, was_training = dict(max_comp), 0, False, model.training
-    model.eval()
+    rank_dist, fed, converged = dict(max_comp), 0, False
     try:
         for batch in cycle(batches):
             for n, layer in layers.items():
