@@ -88,6 +88,9 @@ def test_eva_components_stop_after_max_batches():
         torch.testing.assert_close(A.float() @ A.float().T, torch.eye(A.shape[0]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rho=0.5"):
         eva_components(model, batches(), {names[0]: 4}, rho=0.5)
+    with pytest.raises(ValueError, match=r"\['model.embed_tokens'\] are not Linear"):
+        add_eva_adapter(model, lorakit.LoraConfig(r=2, targets=["embed_tokens", "q_proj"]), batches(1))
+    assert not list(lorakit.adapters.lora_layers(model))  # refused before anything was added
 
 
 @pytest.mark.slow  # a whole `lorakit train` run with EVA until convergence at tau 0.99 (~25 s on a busy CPU)

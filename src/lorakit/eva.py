@@ -255,13 +255,16 @@ def add_eva_adapter(
     `add_adapter`.
     """
     from .adapters import add_adapter, get_adapter
-    from .inject import find_targets
+    from .inject import find_targets, is_linear
 
     if config.init != "default" or config.use_dora:
         raise ValueError(
             f"eva: init={config.init!r}, use_dora={config.use_dora}: expected a plain LoRA config"
         )
     targets = find_targets(model, config)
+    other = [n for n in targets if not is_linear(model.get_submodule(n))]
+    if other:  # PEFT's EVA leaves Embedding / Conv layers out too: their inputs are no feature vectors
+        raise ValueError(f"eva: targets {other[:3]} are not Linear layers; expected Linear targets only")
     ranks = {n: config.rank_for(n) for n in targets}
     result = eva_components(model, batches, ranks, rho, tau, max_batches)
     kept = [n for n in targets if result.ranks[n] > 0]
