@@ -229,6 +229,8 @@ def start(cfg: TrainConfig, output: str | os.PathLike) -> list[Tracker]:
         from ..atomic import write_text
 
         write_text(output / STATE_NAME, json.dumps({t.name: t.ref() for t in _current}, indent=1) + "\n")
+    elif not cfg.resume:
+        (output / STATE_NAME).unlink(missing_ok=True)  # an overwritten run's trackers are not this run's
     return list(_current)
 
 
