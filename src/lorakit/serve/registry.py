@@ -34,6 +34,7 @@ import torch.nn as nn
 import lorakit
 from lorakit.adapters import adapter_records
 from lorakit.adapters import check_adapter_name as check_library_name
+from lorakit.inject import tied_heads
 from lorakit.io import PreparedAdapter, load_prepared, prepare_adapter
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapter_from_bytes
 
@@ -100,6 +101,7 @@ class AdapterRegistry:
         self._paths: dict[str, _Source] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # validated adapters, LRU first
+        self._footprints: dict[str, tuple[frozenset, frozenset]] = {}  # see _footprint
         self._pins: Counter[str] = Counter()  # running requests per adapter
         self._doomed: set[str] = set()  # removed while in use: deleted from the model when released
         self._lock = threading.Lock()
@@ -189,11 +191,27 @@ class AdapterRegistry:
             raise AdapterConflict(f"the name {name!r} is already in use")
         source = _Source(Path(path), confined)
         cached = self._read_disk(name, source)
+        footprint = _footprint(cached.prepared, self.model)
+        self._check_coexists(name, footprint)
         if load and self._make_room():
             self._load(name, cached.prepared)
         with self._lock:
             self._paths[name] = source
+            self._footprints[name] = footprint
         self._remember(name, cached)
+
+    def _check_coexists(self, name: str, footprint: tuple[frozenset, frozenset]) -> None:
+        """A module one adapter replaces by its own copy (modules_to_save) cannot also carry another adapter's
+        LoRA or trainable tokens on the same model. Raises AdapterUnsupported naming both and the module."""
+        layered, saved = footprint
+        for other, (o_layered, o_saved) in list(self._footprints.items()):
+            clash = sorted((saved & o_layered) | (layered & o_saved))
+            if clash:
+                raise AdapterUnsupported(
+                    f"adapter {name!r} cannot be served beside adapter {other!r}: one keeps its own copy of "
+                    f"{clash} (modules_to_save) and the other adapts it (LoRA or trainable tokens), which one "
+                    "model cannot hold at once; serve them from separate servers, or merge one"
+                )
 
     def remove(self, name: str) -> None:
         """Forget `name`; it leaves the model now, or when the last request using it ends. KeyError if unknown."""
@@ -202,6 +220,7 @@ class AdapterRegistry:
                 raise KeyError(f"no adapter named {name!r}")
             del self._paths[name]
             self._cache.pop(name, None)
+            self._footprints.pop(name, None)
         if self._pins[name]:
             self._doomed.add(name)
         elif name in self._lru:
@@ -297,6 +316,17 @@ class AdapterRegistry:
         lorakit.delete_adapter(self.model, name)  # frees its slot too
         with self._lock:
             self._lru.pop(name, None)
+
+
+def _footprint(prepared: PreparedAdapter, model: nn.Module) -> tuple[frozenset, frozenset]:
+    """(modules the adapter adapts with LoRA or trainable tokens, modules it keeps a copy of), each with the
+    output heads tied to them."""
+    plan = prepared.plan
+
+    def with_tied(names) -> frozenset:
+        return frozenset(n for m in names for n in (m, *(h for h, _ in tied_heads(model, m))))
+
+    return with_tied([*plan.lora, *plan.tokens]), with_tied(plan.saved)
 
 
 def _stamp(directory: Path) -> tuple:
