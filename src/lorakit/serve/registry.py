@@ -205,6 +205,8 @@ class AdapterRegistry:
         LoRA or trainable tokens on the same model. Raises AdapterUnsupported naming both and the module."""
         layered, saved = footprint
         for other, (o_layered, o_saved) in list(self._footprints.items()):
+            if other == name:
+                continue
             clash = sorted((saved & o_layered) | (layered & o_saved))
             if clash:
                 raise AdapterUnsupported(
@@ -270,6 +272,10 @@ class AdapterRegistry:
                     self._cache.move_to_end(name)
             return cached.prepared
         cached = self._read_disk(name, source)
+        footprint = _footprint(cached.prepared, self.model)
+        self._check_coexists(name, footprint)  # the file changed since registration: check it again
+        with self._lock:
+            self._footprints[name] = footprint
         self._remember(name, cached)
         return cached.prepared
 
