@@ -221,3 +221,24 @@ def test_a_copy_and_an_adapter_of_one_module_are_refused_at_registration(setup):
         ):
             reg.add(second, dirs[second])
         assert reg.names() == [first]
+
+
+def test_adapter_from_bytes_reads_what_read_adapter_reads(setup):
+    """The server's bytes path gives the same config, tensors and metadata (the fingerprint) as reading the
+    directory, and names the file for a corrupt one."""
+    from lorakit.io import read_adapter
+    from lorakit.io.files import AdapterFileError, adapter_from_bytes
+
+    _, dirs, _, _ = setup
+    d = dirs["tokens"]
+    config, weights = (d / "adapter_config.json").read_bytes(), (d / "adapter_model.safetensors").read_bytes()
+    got, want = adapter_from_bytes(d, config, weights), read_adapter(d)
+    assert (
+        got.config == want.config and got.metadata == want.metadata and "lorakit.fingerprint" in got.metadata
+    )
+    assert got.tensors.keys() == want.tensors.keys()
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    with pytest.raises(AdapterFileError, match="adapter_model.safetensors: unreadable"):
+        adapter_from_bytes(d, config, weights[:100])
+    with pytest.raises(AdapterFileError, match="adapter_config.json: expected a JSON object"):
+        adapter_from_bytes(d, b"[1]", weights)
