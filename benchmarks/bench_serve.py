@@ -4,6 +4,12 @@
     python benchmarks/bench_serve.py --model tiny       # a tiny random Llama (seconds; checks the plumbing)
     python benchmarks/bench_serve.py --many 128         # also: 128 distinct adapters in the stream, 8 resident
 
+Scenarios (one table): 8 plain r=16 adapters mixed in the batch, 1 adapter, the base model (the columns "vs 1
+adapter" and "vs base" are the issue's two ratios), 8 mixed of which 3 are what vLLM refuses (a DoRA adapter,
+one with trainable tokens, one with modules_to_save, served per row beside 5 plain ones), one request at a
+time, and with --many N distinct adapters in the stream, --max-adapters resident (the rest reloaded from the
+CPU cache on demand).
+
 Starts `lorakit serve` as a subprocess on loopback, sends the same prompts in each scenario (each request
 generates exactly --max-tokens tokens: `ignore_eos`; streamed, so the first token's arrival is seen), and
 reports completion tokens/s over the wall time of the scenario, p50 / p99 time to first token (TTFT) and
@@ -65,7 +71,30 @@ def prepare(model: str, tmp: Path, n_adapters: int, rank: int) -> tuple[str, lis
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
         dirs.append(lorakit.save_adapter(base, tmp / "adapters", name=f"a{i}"))
         lorakit.delete_adapter(base, f"a{i}")
-    return model, dirs
+    return model, dirs + kinds(base, tmp, rank)
+
+
+KINDS = ("k_dora", "k_tokens", "k_saved")
+
+
+def kinds(base, tmp: Path, rank: int) -> list[Path]:
+    """A DoRA adapter, one with trainable tokens (10 rows of the embedding) and one with modules_to_save (the
+    final norm), each with r=`rank` LoRA on every linear layer."""
+    extra = {"k_dora": {"use_dora": True}, "k_tokens": {"trainable_token_indices": list(range(3, 13))},
+             "k_saved": {"modules_to_save": ["model.norm"]}}  # fmt: skip
+    dirs = []
+    for i, (name, kw) in enumerate(extra.items()):
+        lorakit.add_adapter(
+            base, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear", **kw), name=name
+        )
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pname, p in base.named_parameters():
+                if f".{name}." in pname:  # its LoRA factors, token rows and saved copy
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        dirs.append(lorakit.save_adapter(base, tmp / "adapters", name=name))
+        lorakit.delete_adapter(base, name)
+    return dirs
 
 
 def char_tokenizer():
@@ -183,8 +212,8 @@ def run_server(args, model: str, dirs: list[Path], plans: dict) -> dict:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        names = [d.name for d in dirs[:8]]
-        asyncio.run(scenario(url, names, ["warm up"] * 8, 8, 4))  # every adapter once
+        names = [*KINDS, *(d.name for d in dirs[:8])]  # plain ones last: resident for the first scenario
+        asyncio.run(scenario(url, names, ["warm up"] * len(names), 8, 4))  # every adapter once
         return repeated(
             plans, args.repeat, lambda m, p, c: asyncio.run(scenario(url, m, p, c, args.max_tokens))
         )
@@ -202,7 +231,8 @@ def run_in_process(args, model: str, dirs: list[Path], plans: dict) -> dict:
     for d in dirs:
         registry.add(d.name, d)
     with Engine(m, tok, registry, max_batch=args.concurrency) as engine:
-        engine_scenario(engine, [d.name for d in dirs[:8]], ["warm up"] * 8, 8, 4)
+        names = [*KINDS, *(d.name for d in dirs[:8])]  # plain ones last: resident for the first scenario
+        engine_scenario(engine, names, ["warm up"] * len(names), 8, 4)
         return repeated(
             plans, args.repeat, lambda ms, p, c: engine_scenario(engine, ms, p, c, args.max_tokens)
         )
@@ -240,10 +270,12 @@ def main() -> None:
     n, c = args.requests, args.concurrency
     prompts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 9)) for i in range(n)]
     names = [d.name for d in dirs[:8]]
+    mixed_kinds = [*KINDS, *names[:5]]
     plans = {
         "8 adapters mixed": ([names[i % 8] for i in range(n)], prompts, c),
         "1 adapter": (["a0"] * n, prompts, c),
         "base model": (["base"] * n, prompts, c),
+        "8 mixed, DoRA+tokens+saved": ([mixed_kinds[i % 8] for i in range(n)], prompts, c),
         "one at a time (mixed)": ([names[i % 8] for i in range(args.sequential)], prompts[: args.sequential], 1),
     }  # fmt: skip
     if args.many:
@@ -254,19 +286,24 @@ def main() -> None:
     else:
         results = run_server(args, model, dirs, plans)
     ref = results["1 adapter"]["tokens_per_s"]
+    base_ref = results["base model"]["tokens_per_s"]
     how = "engine in process" if args.engine_only else "HTTP server"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nlorakit serve ({how}), model={args.model}, {args.max_tokens} tokens per request, rank {args.rank} all-linear, "
-          f"{args.threads} threads, device={args.device or 'cpu'}")  # fmt: skip
-    print(f"{'scenario':24} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'p50 s':>7} {'p99 s':>7}")  # fmt: skip
+          f"{args.threads} threads, device={args.device or 'cpu'}, --max-adapters {args.max_adapters}, "
+          f"load average {load:.1f} at the end")  # fmt: skip
+    print(f"{'scenario':28} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'vs base':>8} "
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'p50 s':>7} {'p99 s':>7}")  # fmt: skip
     for k, r in results.items():
-        print(f"{k:24} {r['requests']:8d} {r['concurrency']:5d} {r['tokens_per_s']:9.1f} "
-              f"{r['tokens_per_s'] / ref:12.2f}x {r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} "
-              f"{r['p50_s']:7.3f} {r['p99_s']:7.3f}")  # fmt: skip
+        print(f"{k:28} {r['requests']:8d} {r['concurrency']:5d} {r['tokens_per_s']:9.1f} "
+              f"{r['tokens_per_s'] / ref:12.2f}x {r['tokens_per_s'] / base_ref:7.2f}x {r['ttft_p50_s']:9.3f} "
+              f"{r['ttft_p99_s']:9.3f} {r['p50_s']:7.3f} {r['p99_s']:7.3f}")  # fmt: skip
     out = {"model": args.model, "max_tokens": args.max_tokens, "rank": args.rank, "threads": args.threads,
            "many": args.many, "max_adapters": args.max_adapters,
            "device": args.device or "cpu", "engine_only": args.engine_only, "results": results,
-           "mixed_vs_single": round(results["8 adapters mixed"]["tokens_per_s"] / ref, 3),
+           "load_average": load, "mixed_vs_single": round(results["8 adapters mixed"]["tokens_per_s"] / ref, 3),
+           "mixed_vs_base": round(results["8 adapters mixed"]["tokens_per_s"] / base_ref, 3),
+           "kinds_vs_single": round(results["8 mixed, DoRA+tokens+saved"]["tokens_per_s"] / ref, 3),
            "mixed_vs_one_at_a_time": round(results["8 adapters mixed"]["tokens_per_s"]
                                            / results["one at a time (mixed)"]["tokens_per_s"], 2)}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -74,7 +74,7 @@ def bad_cases() -> list[tuple[str, str, str, dict, int, str | None]]:
     adapter_bodies = [({"name": "n", "path": "a\0b"}, 400, "path"), ({"name": "x" * 5000, "path": "extra"}, 400, "name"),
                       ({"name": "a\0b", "path": "extra"}, 400, "name"), ({"name": "n", "path": "x" * 300}, 400, "path"),
                       ({"name": "n", "path": "x/" * 3000}, 400, "path"), ({"name": "n", "path": "\ud800"}, 400, "path"),
-                      ({"name": "n", "path": "../"}, 403, "path"), ({"name": "dora", "path": "dora"}, 400, "path"),
+                      ({"name": "n", "path": "../"}, 403, "path"), ({"name": "biased", "path": "biased"}, 400, "path"),
                       ({"name": 5, "path": "extra"}, 400, "name")]  # fmt: skip
     for body, status, param in adapter_bodies:
         cases.append(("adapter body", "POST", "/v1/adapters", {"json": body}, status, param))
@@ -94,8 +94,8 @@ def hostile(tmp_path_factory):
     root.mkdir()
     shutil.copytree(dirs["extra"], root / "extra")
     m = tiny_llama(seed=0)
-    lorakit.add_adapter(m, lorakit.LoraConfig(r=2, targets=["q_proj"], use_dora=True))
-    lorakit.save_adapter(m, root / "dora")
+    lorakit.add_adapter(m, lorakit.LoraConfig(r=2, targets=["q_proj"], bias="all"))  # not per-row: a 400
+    lorakit.save_adapter(m, root / "biased")
     args = ["--model", str(model_dir), "--adapter-root", str(root), "--max-adapters", "2", "--api-key", KEY,
             "--max-tokens-cap", "64", "--max-body-mb", "1", "--adapter-cache-mb", "0", "--shutdown-timeout", "2"]  # fmt: skip
     for n in ADAPTERS:

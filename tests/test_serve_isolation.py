@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 
@@ -192,15 +193,16 @@ def test_reads_open_what_was_checked(setup, tmp_path):
 
 
 def test_unservable_kinds_and_bad_names_are_refused_at_registration(setup, tmp_path):
+    """What cannot run per row is refused when registered (loaded now or not), naming the adapter and why."""
     reg, _ = registry(setup, root=tmp_path, max_loaded=2)
-    kinds = {"dora": {"use_dora": True}, "tokens": {"trainable_token_indices": [3]},
-             "saved": {"modules_to_save": ["norm"]}}  # fmt: skip
-    for name, extra in kinds.items():
+    kinds = {"biases": ({"bias": "all"}, "bias='all'"),
+             "saved_mlp": ({"modules_to_save": ["layers.0.mlp"]}, "'model.layers.0.mlp' is a LlamaMLP")}  # fmt: skip
+    for name, (extra, why) in kinds.items():
         m = tiny_llama(seed=0)
         lorakit.add_adapter(m, lorakit.LoraConfig(r=2, targets=["q_proj"], **extra))
         lorakit.save_adapter(m, tmp_path / name)
         for load in (True, False):
-            with pytest.raises(AdapterUnsupported, match=f"adapter {name!r}"):
+            with pytest.raises(AdapterUnsupported, match=f"adapter {name!r}.*{re.escape(why)}"):
                 reg.add(name, tmp_path / name, load=load)
     assert reg.names() == [] and lorakit.adapter_records(reg.model) == {}
     for bad in ("x" * 5000, "a\0b", "", "a b", "é"):

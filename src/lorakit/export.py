@@ -55,7 +55,7 @@ def export_merged(
             cannot be merged (see lorakit.merge).
     """
     from .merge import unload
-    from .models import _with_adapter, is_quantized, load_model, resolve_dtype
+    from .models import is_quantized, load_model, resolve_dtype, with_adapter
 
     out = Path(output)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -72,7 +72,7 @@ def export_merged(
                 delattr(holder, "quantization_config")
     # The fingerprint was taken on float (or, for QLoRA, on no) weights; dequantized NF4 / int8 weights are
     # not those bit for bit, so the check is skipped only in that case.
-    tokenizer = _with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized or ignore_fingerprint)
+    tokenizer = with_adapter(base, tokenizer, adapter, ignore_fingerprint=dequantized or ignore_fingerprint)
     merged = unload(base, merge=True).to(torch_dtype)
     merged.config.dtype = torch_dtype
 

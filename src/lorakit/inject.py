@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 
+import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
@@ -42,17 +43,38 @@ def model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def tied_heads(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
-    """The Linear modules other than `path` whose weight is `path`'s weight Parameter (an output head tied to
-    an input embedding), as (path, module). The one place tied weights are detected."""
-    weight = getattr(model.get_submodule(path), "weight", None)
-    if weight is None:
+def tied_to(
+    model: nn.Module, module: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The modules other than `module` whose weight is `module`'s weight Parameter (an output head tied to
+    an input embedding), as (path, module). The one place tied weights are detected: `tied_heads`,
+    `head_is_tied`, merging, growing the vocabulary and training's embedding setup all ask this.
+
+    modules: `model_modules(model)` when the caller already has it (a check per layer walks the model once).
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter | torch.Tensor):
         return []
-    return [
-        (n, m)
-        for n, m in model_modules(model)
-        if n != path and isinstance(m, nn.Linear) and getattr(m, "weight", None) is weight
-    ]
+    found = model_modules(model) if modules is None else modules
+    return [(n, m) for n, m in found if m is not module and getattr(m, "weight", None) is weight]
+
+
+def tied_heads(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """The Linear modules other than `path` whose weight is `path`'s weight (`tied_to`), as (path, module)."""
+    return [(n, m) for n, m in tied_to(model, model.get_submodule(path)) if isinstance(m, nn.Linear)]
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the model's output head (get_output_embeddings) shares its input embedding's weight."""
+    get_head, get_emb = (
+        getattr(model, "get_output_embeddings", None),
+        getattr(model, "get_input_embeddings", None),
+    )
+    head = get_head() if callable(get_head) else None
+    emb = get_emb() if callable(get_emb) else None
+    if head is None or emb is None:
+        return False
+    return any(m is head for _, m in tied_to(model, emb))
 
 
 def matches(spec: str | list[str], name: str) -> bool:

@@ -68,7 +68,7 @@ def causal_lm_loss(
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:  # only when given: not every model's forward takes position_ids
         inputs["position_ids"] = position_ids
-    reason = _why_not_chunked(model) if chunk > 0 else "chunk=0"
+    reason = why_not_chunked(model) if chunk > 0 else "chunk=0"
     if reason != "":
         if chunk > 0:
             warnings.warn(
@@ -96,7 +96,7 @@ def _head_ce(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
-def _why_not_chunked(model: nn.Module) -> str:
+def why_not_chunked(model: nn.Module) -> str:
     """'' if the chunked loss computes exactly what model(...).logits would, else the reason it cannot."""
     from .layers import LoraLayer
 

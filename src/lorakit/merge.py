@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from . import param_lora
 from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers, replace_module
+from .inject import model_modules, tied_to
 from .layers import LoraLayer, unwrap, unwrap_saved
 
 
@@ -67,14 +68,10 @@ def _merge_finite(layer: LoraLayer, name: str, module_name: str) -> None:
 def _check_untied(model: nn.Module, names: list[str]) -> None:
     # A LoRA delta merged into a weight shared with another module (tied embeddings / output head) would
     # silently change that module too. Trainable tokens are fine: the tied head applies the same rows.
-    owners: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if weight is not None and ".lora." not in module_name and ".lora_copies." not in module_name:
-            owners.setdefault(id(weight), []).append(module_name)
+    modules = model_modules(model)
     for module_name, layer in lora_layers(model):
-        if any(n in layer.lora for n in names) and len(owners.get(id(layer.weight), [])) > 1:
-            tied = [n for n in owners[id(layer.weight)] if n != module_name]
+        tied = [n for n, _ in tied_to(model, layer, modules)] if any(n in layer.lora for n in names) else []
+        if tied:
             raise RuntimeError(
                 f"cannot merge LoRA into {module_name!r}: its weight is tied to {tied}, which would change too; "
                 "untie the weights first (e.g. give the output head its own copy) or keep the adapter unmerged"

@@ -121,7 +121,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
-        tokenizer = _with_adapter(model, tokenizer, adapter, ignore_fingerprint)
+        tokenizer = with_adapter(model, tokenizer, adapter, ignore_fingerprint)
     if device is not None and quantize == "none":
         model.to(device)
     return model.eval(), tokenizer
@@ -145,7 +145,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         ) from err
 
 
-def _with_adapter(model, tokenizer, adapter: str | os.PathLike, ignore_fingerprint: bool = False):
+def with_adapter(model, tokenizer, adapter: str | os.PathLike, ignore_fingerprint: bool = False):
+    """Load adapter directory `adapter` onto `model`, first growing the vocabulary to its tokenizer's when it
+    carries one (an adapter trained with new tokens). Returns the tokenizer to use (the adapter's or
+    `tokenizer`). Raises AdapterFileError as load_adapter does (or for unreadable tokenizer files)."""
     from transformers import AutoTokenizer
 
     from .io import AdapterFileError, load_adapter

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .inject import head_is_tied
 from .textfile import read_utf8
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -74,7 +75,7 @@ def grow_embeddings(model: nn.Module, size: int) -> list[int]:
     if size <= old:
         return []
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb.weight
+    tied = head_is_tied(model)
     means = {"emb": _row_mean(emb.weight)}
     if head is not None and not tied:
         means["head"] = _row_mean(head.weight)

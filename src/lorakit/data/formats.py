@@ -52,31 +52,31 @@ def check_row(row: dict, fmt: str, where: str) -> None:
     """Raise DataError "WHERE: what is wrong; expected ..." unless `row` is a well-formed `fmt` row."""
     if fmt == "text":
         if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise DataError(f"{where}: field 'text' is {_show(row.get('text'))}; expected a non-empty string")
+            raise DataError(f"{where}: field 'text' is {shown(row.get('text'))}; expected a non-empty string")
         return
     if fmt == "prompt":
         for key in ("prompt", "completion"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(
-                    f"{where}: field {key!r} is {_show(row.get(key))}; expected a non-empty string"
+                    f"{where}: field {key!r} is {shown(row.get(key))}; expected a non-empty string"
                 )
         if row.get("system") is not None and not isinstance(row["system"], str):
-            raise DataError(f"{where}: field 'system' is {_show(row['system'])}; expected a string")
+            raise DataError(f"{where}: field 'system' is {shown(row['system'])}; expected a string")
         return
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError(
-            f"{where}: field 'messages' is {_show(messages)}; expected a non-empty list of messages"
+            f"{where}: field 'messages' is {shown(messages)}; expected a non-empty list of messages"
         )
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(
-                f"{where}: messages[{i}] is {_show(m)}; expected an object with 'role' and 'content'"
+                f"{where}: messages[{i}] is {shown(m)}; expected an object with 'role' and 'content'"
             )
         if m.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {_show(m.get('role'))}; expected one of {ROLES}")
+            raise DataError(f"{where}: messages[{i}].role is {shown(m.get('role'))}; expected one of {ROLES}")
         if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}].content is {_show(m.get('content'))}; expected a string")
+            raise DataError(f"{where}: messages[{i}].content is {shown(m.get('content'))}; expected a string")
         if m["role"] == "assistant" and not m["content"].strip():
             # As an empty completion: it would train the model to answer with nothing.
             raise DataError(
@@ -189,7 +189,7 @@ def pack_text(rows: list[dict], tokenizer, max_len: int) -> list[Example]:
     return [Example(b, list(b)) for b in blocks if len(b) > 1]
 
 
-def _show(value) -> str:
+def shown(value) -> str:
     if value is None:
         return "missing"
     text = repr(value)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .dataset import Dataset
-from .formats import Example, _show, check_row, encode_sft
+from .formats import Example, check_row, encode_sft, shown
 from .rows import DataError, read_rows
 
 PAIR_MODES = ("dpo", "orpo")
@@ -101,7 +101,7 @@ def load_preference(
                 if isinstance(label, str) and label.lower() in ("true", "false"):  # CSV cells are strings
                     label = label.lower() == "true"
                 if not isinstance(label, bool):
-                    raise DataError(f"{where}: field 'label' is {_show(label)}; expected true or false")
+                    raise DataError(f"{where}: field 'label' is {shown(label)}; expected true or false")
                 ex = _encode(row, "completion", tokenizer, max_len, where)
                 examples.append(KTOExample(ex, label))
             else:
@@ -125,13 +125,13 @@ def _answer(value, key: str, where: str) -> str:
     if isinstance(value, dict):
         if value.get("role") != "assistant" or not isinstance(value.get("content"), str):
             raise DataError(
-                f"{where}: field {key!r} is {_show(value)}; expected an assistant message "
+                f"{where}: field {key!r} is {shown(value)}; expected an assistant message "
                 "{'role': 'assistant', 'content': str}"
             )
         value = value["content"]
     if not isinstance(value, str) or not value.strip():
         raise DataError(
-            f"{where}: field {key!r} is {_show(value)}; expected a non-empty string or an assistant message"
+            f"{where}: field {key!r} is {shown(value)}; expected a non-empty string or an assistant message"
         )
     return value
 
@@ -143,7 +143,7 @@ def _encode(row: dict, key: str, tokenizer, max_len: int, where: str) -> Example
         messages = row["messages"] if "messages" in row else row["prompt"]
         if not isinstance(messages, list) or not messages:
             raise DataError(
-                f"{where}: field 'messages' is {_show(messages)}; expected the conversation so far"
+                f"{where}: field 'messages' is {shown(messages)}; expected the conversation so far"
             )
         sft = {"messages": messages + [{"role": "assistant", "content": answer}]}
         fmt = "messages"
@@ -152,7 +152,7 @@ def _encode(row: dict, key: str, tokenizer, max_len: int, where: str) -> Example
         fmt = "prompt"
     else:
         raise DataError(
-            f"{where}: field 'prompt' is {_show(row.get('prompt'))} and there is no 'messages'; expected a prompt "
+            f"{where}: field 'prompt' is {shown(row.get('prompt'))} and there is no 'messages'; expected a prompt "
             "string or the conversation so far"
         )
     check_row(sft, fmt, where)

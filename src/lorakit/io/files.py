@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ..atomic import clean_stale, replace_files, resolve
@@ -125,6 +126,37 @@ def _read(path: Path, device: str | torch.device) -> AdapterFiles:
         ) from err
     check_finite(path / WEIGHTS_NAME, tensors)
     return AdapterFiles(path, config, tensors, metadata)
+
+
+def adapter_from_bytes(path: str | os.PathLike, config: bytes, weights: bytes) -> AdapterFiles:
+    """An adapter directory's contents from the bytes of its two files (already read, e.g. by a server that
+    opened them itself); checked as `read_adapter` checks a directory. `path`: where they came from (named
+    in errors).
+
+    Raises:
+        AdapterFileError: invalid JSON, a config that is not an object, a corrupt / truncated safetensors
+            file, or NaN / inf in a tensor.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(config)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: JSON nested too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(data).__name__}")
+    try:
+        tensors = load_safetensors(weights)
+        # The header (8-byte little-endian length, then JSON) holds the metadata `load` does not return.
+        header = json.loads(weights[8 : 8 + int.from_bytes(weights[:8], "little")])
+        metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as err:
+        raise AdapterFileError(
+            f"{path / WEIGHTS_NAME}: unreadable safetensors file, corrupt or truncated? ({err})"
+        ) from None
+    check_finite(path / WEIGHTS_NAME, tensors)
+    return AdapterFiles(path, data, tensors, metadata)
 
 
 def check_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,7 @@ def load_adapter(
     unexpected), the modules they name, shapes (against the module and its rank in `rank_pattern`), dtypes
     and the base-model fingerprint. Adapter tensors keep the file's values exactly (cast only to the adapter
     dtype: fp32 over half-precision bases, as created by `add_adapter`).
+    The same as `load_prepared(model, prepare_adapter(model, dir, name, ignore_fingerprint), name, activate)`.
 
     Args:
         activate: True: make it the only active adapter; False: leave it inactive; None: activate it only
@@ -73,6 +76,72 @@ def load_adapter(
             module). ValueError: `name` invalid or in use. RuntimeError: adapters are merged.
         On any error the model is unchanged.
     """
+    _check_loadable(model, name)
+    return load_prepared(model, prepare_adapter(model, dir, name, ignore_fingerprint), name, activate)
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter validated against one model (`prepare_adapter`), ready to load onto it with `load_prepared`
+    as often as needed (a server reloading an evicted adapter) without parsing or checking the file again.
+
+    source: where it was read from. config: its LoraConfig. nbytes: the size of the tensors it holds (CPU
+    copies of the file's, which loading copies from and never changes).
+    """
+
+    source: Path
+    config: LoraConfig
+    plan: _Plan
+    model: weakref.ref  # the model it was validated against
+    nbytes: int
+
+
+def prepare_adapter(
+    model: nn.Module,
+    source: str | os.PathLike | AdapterFiles,
+    name: str = "default",
+    ignore_fingerprint: bool = False,
+) -> PreparedAdapter:
+    """Read and validate an adapter for `model` (as `load_adapter` does) without touching the model.
+
+    source: a directory (found as `load_adapter` finds it for `name`) or the already read AdapterFiles
+    (`io.files.adapter_from_bytes`). Raises AdapterFileError as `load_adapter` does.
+    """
+    files = source if isinstance(source, AdapterFiles) else read_adapter(adapter_dir(source, name))
+    config_file = files.path / CONFIG_NAME
+    try:
+        config = LoraConfig.from_peft_dict(files.config, source=str(config_file))
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as err:  # wrong JSON types surface as these
+        raise AdapterFileError(
+            f"{config_file}: invalid config ({err})" if str(config_file) not in str(err) else str(err)
+        ) from err
+    plan = _validate(model, files, config)
+    if not ignore_fingerprint:
+        _check_fingerprint(model, files, plan)
+    return PreparedAdapter(files.path, config, plan, weakref.ref(model), files.num_bytes)
+
+
+def load_prepared(
+    model: nn.Module, prepared: PreparedAdapter, name: str = "default", activate: bool | None = None
+) -> Adapter:
+    """Load an adapter `prepare_adapter` validated for this `model` as adapter `name`; all or nothing.
+
+    Raises:
+        ValueError: `name` invalid or in use, or `prepared` was validated against another model.
+        RuntimeError: adapters are merged.
+    """
+    if prepared.model() is not model:
+        raise ValueError(f"{prepared.source}: this adapter was prepared for another model; prepare it again")
+    _check_loadable(model, name)
+    return _inject(model, name, prepared.config, prepared.plan, activate)
+
+
+def _check_loadable(model: nn.Module, name: str) -> None:
     check_adapter_name(name)
     if name in adapter_records(model):
         raise ValueError(
@@ -80,18 +149,6 @@ def load_adapter(
         )
     if any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("cannot load an adapter while adapters are merged; unmerge first")
-    files = read_adapter(adapter_dir(dir, name))
-    config_file = files.path / CONFIG_NAME
-    try:
-        config = LoraConfig.from_peft_dict(files.config, source=str(config_file))
-    except (ValueError, TypeError, AttributeError) as err:  # wrong JSON types surface as any of these
-        raise AdapterFileError(
-            f"{config_file}: invalid config ({err})" if str(config_file) not in str(err) else str(err)
-        ) from err
-    plan = _validate(model, files, config)
-    if not ignore_fingerprint:
-        _check_fingerprint(model, files, plan)
-    return _inject(model, name, config, plan, activate)
 
 
 def _validate(model: nn.Module, files: AdapterFiles, config: LoraConfig) -> _Plan:

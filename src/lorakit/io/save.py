@@ -53,6 +53,34 @@ def save_adapter(
     """
     adapter = get_adapter(model, name)
     config = adapter.config
+    tensors, pissa = _file_tensors(model, adapter, name)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    if pissa:
+        config = _pissa_as_lora(config)
+    conv1d = any(_is_conv1d(model.get_submodule(n)) for n in adapter.lora_modules)
+    peft = config.to_peft_dict(
+        target_modules=compact_targets(model, adapter.lora_modules) if adapter.lora_modules else None
+    )
+    # PEFT reads fan_in_fan_out as "the targets store W as (in, out)": true exactly for GPT-2's Conv1D.
+    peft["fan_in_fan_out"] = conv1d
+    # task_type / base_model_name_or_path as AutoPeftModel, vLLM and TGI need them (io/base_ref.py).
+    peft.update(consumer_fields(model, config.base_model_name_or_path))
+    if adapter.tied_modules:
+        # The output head follows the saved embedding copy (tied); PEFT does the same with this flag.
+        peft["ensure_weight_tying"] = True
+    from .. import __version__
+
+    metadata = {VERSION_KEY: __version__}
+    if adapter.fingerprint:
+        metadata[FINGERPRINT_KEY] = adapter.fingerprint
+    root = Path(dir)
+    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata, extra=extra)
+
+
+def _file_tensors(model: nn.Module, adapter: Adapter, name: str) -> tuple[dict[str, Tensor], bool]:
+    """Every tensor adapter `name` saves, by its PEFT key; and whether a PiSSA adapter was converted."""
     tensors: dict[str, Tensor] = {}
     pissa = False
     for module_name in adapter.lora_modules:
@@ -87,29 +115,7 @@ def save_adapter(
             tensors[f"{keys.PREFIX}{module_name}.{k}"] = v.detach().clone()
     tensors.update(_biases(model, adapter))
     tensors.update(param_lora.file_tensors(model, name, adapter.param_targets))
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-
-    if pissa:
-        config = _pissa_as_lora(config)
-    conv1d = any(_is_conv1d(model.get_submodule(n)) for n in adapter.lora_modules)
-    peft = config.to_peft_dict(
-        target_modules=compact_targets(model, adapter.lora_modules) if adapter.lora_modules else None
-    )
-    # PEFT reads fan_in_fan_out as "the targets store W as (in, out)": true exactly for GPT-2's Conv1D.
-    peft["fan_in_fan_out"] = conv1d
-    # task_type / base_model_name_or_path as AutoPeftModel, vLLM and TGI need them (io/base_ref.py).
-    peft.update(consumer_fields(model, config.base_model_name_or_path))
-    if adapter.tied_modules:
-        # The output head follows the saved embedding copy (tied); PEFT does the same with this flag.
-        peft["ensure_weight_tying"] = True
-    from .. import __version__
-
-    metadata = {VERSION_KEY: __version__}
-    if adapter.fingerprint:
-        metadata[FINGERPRINT_KEY] = adapter.fingerprint
-    root = Path(dir)
-    return write_adapter(root if name == "default" else root / name, peft, tensors, metadata, extra=extra)
+    return tensors, pissa
 
 
 def _biases(model: nn.Module, adapter: Adapter) -> dict[str, Tensor]:

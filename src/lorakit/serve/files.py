@@ -4,18 +4,15 @@ A server loads adapters again and again (after each LRU eviction) from directori
 Each read therefore resolves the directory and its two files (symlinks followed) *at that moment*, lets the
 caller check the resolved paths (`check`), and then opens exactly those paths, one component at a time with
 O_NOFOLLOW: if anything on the way was swapped for a symlink since it was resolved, the open fails instead of
-following it. The bytes read are what gets loaded (`stage` writes them to a private directory for
-`load_adapter`), so nothing outside the checked paths is ever read.
+following it. The bytes read are what gets loaded (`io.files.adapter_from_bytes`, then `io.prepare_adapter`),
+so nothing outside the checked paths is ever read.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
@@ -87,26 +84,3 @@ def _read_nofollow(path: Path) -> bytes:
             return f.read()
     finally:
         os.close(fd)
-
-
-@contextmanager
-def stage(files: dict[str, bytes]):
-    """A private directory (mode 0700, removed on exit) holding `files`: what `load_adapter` reads."""
-    tmp = Path(tempfile.mkdtemp(prefix="lorakit-serve-"))
-    try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def shown(err: Exception, staged: Path, real: Path | str) -> Exception:
-    """`err` with the staging directory's path replaced by the real one (errors name the user's files)."""
-    text = str(err).replace(str(staged), str(real))
-    if text == str(err):
-        return err
-    try:
-        return type(err)(text)
-    except Exception:
-        return err

@@ -2,21 +2,25 @@
 
 Known adapters are loaded on demand and kept in least-recently-used order; beyond `max_loaded` the least recently
 used one that no running request holds is deleted from the model (it stays known and reloads when asked for).
-The files of known adapters are kept in a CPU cache (bytes, least recently used dropped beyond `cache_bytes`),
-so hundreds can be registered and reloaded without reading the disk each time; a reload that misses the cache
-reads the directory again, checked as on registration (`files.read_checked`).
+Known adapters are kept in a CPU cache, validated (`io.prepare_adapter`: parsed and checked against the model
+once, when first read; least recently used dropped beyond `cache_bytes`), so hundreds can be registered and
+reloaded by copying tensors (`io.load_prepared`), without reading or re-validating anything. A cache hit
+first compares the directory's files (resolved again; inode, size, modification time) with what was read: a
+file changed on disk since is noticed and read again, checked as on registration (`files.read_checked`); a
+reload that misses the cache does the same.
 Loading and deleting change the model's layers, so every method that does (`acquire`, `release`, `add`,
 `remove`) must run on the engine's thread, between forwards. `names`, `is_known` and `loaded` may be called
 from any thread.
 
 Directories added over HTTP (`confined=True`) must resolve (symlinks followed) to a place under `root`, each
-time they are read, and what is read is what was checked. Adapters the per-row path cannot serve (DoRA,
-trainable tokens, modules_to_save) are refused when registered, not at their first request.
+time they are read, and what is read is what was checked. Every kind an adapter file can hold is served per
+row in a mixed batch (LoRA, DoRA, trainable tokens, modules_to_save on embeddings, heads and norms); what
+cannot be (LoRA on parameters, trained base biases, a saved module of another kind) is refused when
+registered (`AdapterUnsupported`, naming the adapter and why), never at its first request.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -25,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+import torch.nn as nn
 
 import lorakit
 from lorakit.adapters import adapter_records
 from lorakit.adapters import check_adapter_name as check_library_name
-from lorakit.config import LoraConfig
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_dir
+from lorakit.inject import tied_heads
+from lorakit.io import PreparedAdapter, load_prepared, prepare_adapter
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapter_from_bytes
 
-from .files import AdapterAccessError, read_checked, shown, stage
+from .files import FILES, AdapterAccessError, read_checked
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:@+=-]{0,127}")
 __all__ = [
@@ -51,7 +55,8 @@ class AdapterConflict(ValueError):
 
 
 class AdapterUnsupported(ValueError):
-    """An adapter kind per-row serving cannot run: DoRA, trainable tokens or modules_to_save."""
+    """An adapter per-row serving cannot run: LoRA on parameters (target_parameters), trained base biases
+    (bias != "none"), or modules_to_save on a module that does not map batch rows to batch rows."""
 
 
 def check_adapter_name(name: object) -> None:
@@ -69,6 +74,12 @@ def check_adapter_name(name: object) -> None:
 class _Source:
     path: Path  # as given: under the root (relative or not) when confined
     confined: bool
+
+
+@dataclass(frozen=True)
+class _Cached:
+    prepared: PreparedAdapter
+    stamp: tuple  # the files as read: (device, inode, size, mtime_ns) each
 
 
 class AdapterRegistry:
@@ -89,7 +100,8 @@ class AdapterRegistry:
         self.slots = lorakit.RowSlots(model, self.max_loaded) if self.max_loaded else None
         self._paths: dict[str, _Source] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
-        self._cache: OrderedDict[str, dict[str, bytes]] = OrderedDict()  # files by adapter, LRU first
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()  # validated adapters, LRU first
+        self._footprints: dict[str, tuple[frozenset, frozenset]] = {}  # see _footprint
         self._pins: Counter[str] = Counter()  # running requests per adapter
         self._doomed: set[str] = set()  # removed while in use: deleted from the model when released
         self._lock = threading.Lock()
@@ -165,28 +177,43 @@ class AdapterRegistry:
     # -- engine thread -----------------------------------------------------------------------------------------
 
     def add(self, name: str, path: str | os.PathLike, load: bool = True, confined: bool = False) -> None:
-        """Make `name` known as the adapter in `path`, loading it now when a slot is free (which validates it
-        completely); otherwise its files are read, its config and weights file checked, and it loads when
-        first used. `confined`: `path` is under the root (see `confine`), checked again at every read.
+        """Make `name` known as the adapter in `path`: its files are read and validated in full against the
+        model now (and kept in the CPU cache); it loads now when a slot is free, otherwise when first used.
+        `confined`: `path` is under the root (see `confine`), checked again at every read.
 
         Raises:
             ValueError: an invalid name. AdapterConflict: the base's name, or a name in use.
-            AdapterUnsupported: DoRA, trainable tokens or modules_to_save. AdapterFileError: bad files.
+            AdapterUnsupported: a kind per-row serving cannot run. AdapterFileError: bad files.
             AdapterAccessError / FileNotFoundError (confined): outside the root / nothing there.
         """
         check_adapter_name(name)
         if name == self.base_name or name in self._paths or name in adapter_records(self.model):
             raise AdapterConflict(f"the name {name!r} is already in use")
         source = _Source(Path(path), confined)
-        files = self._read_disk(name, source)
-        _check_servable(name, files, source.path)
+        cached = self._read_disk(name, source)
+        footprint = _footprint(cached.prepared, self.model)
+        self._check_coexists(name, footprint)
         if load and self._make_room():
-            self._load(name, files, source.path)
-        else:
-            _check_weights(files, source.path)
+            self._load(name, cached.prepared)
         with self._lock:
             self._paths[name] = source
-        self._remember(name, files)
+            self._footprints[name] = footprint
+        self._remember(name, cached)
+
+    def _check_coexists(self, name: str, footprint: tuple[frozenset, frozenset]) -> None:
+        """A module one adapter replaces by its own copy (modules_to_save) cannot also carry another adapter's
+        LoRA or trainable tokens on the same model. Raises AdapterUnsupported naming both and the module."""
+        layered, saved = footprint
+        for other, (o_layered, o_saved) in list(self._footprints.items()):
+            if other == name:
+                continue
+            clash = sorted((saved & o_layered) | (layered & o_saved))
+            if clash:
+                raise AdapterUnsupported(
+                    f"adapter {name!r} cannot be served beside adapter {other!r}: one keeps its own copy of "
+                    f"{clash} (modules_to_save) and the other adapts it (LoRA or trainable tokens), which one "
+                    "model cannot hold at once; serve them from separate servers, or merge one"
+                )
 
     def remove(self, name: str) -> None:
         """Forget `name`; it leaves the model now, or when the last request using it ends. KeyError if unknown."""
@@ -195,6 +222,7 @@ class AdapterRegistry:
                 raise KeyError(f"no adapter named {name!r}")
             del self._paths[name]
             self._cache.pop(name, None)
+            self._footprints.pop(name, None)
         if self._pins[name]:
             self._doomed.add(name)
         elif name in self._lru:
@@ -211,7 +239,7 @@ class AdapterRegistry:
         if name not in self._lru:
             if not self._make_room():
                 return False
-            self._load(name, self._files(name, source), source.path)
+            self._load(name, self._prepared(name, source))
         with self._lock:
             self._lru.move_to_end(name)
         self._pins[name] += 1
@@ -234,47 +262,56 @@ class AdapterRegistry:
             self.evictions += 1
         return True
 
-    def _files(self, name: str, source: _Source) -> dict[str, bytes]:
+    def _prepared(self, name: str, source: _Source) -> PreparedAdapter:
+        """The validated adapter: from the cache when its files are unchanged on disk, else read again."""
         with self._lock:
-            files = self._cache.get(name)
-            if files is not None:
-                self._cache.move_to_end(name)
-                return files
-        files = self._read_disk(name, source)
-        self._remember(name, files)
-        return files
+            cached = self._cache.get(name)
+        if cached is not None and cached.stamp == _stamp(self._directory(name, source)):
+            with self._lock:
+                if name in self._cache:
+                    self._cache.move_to_end(name)
+            return cached.prepared
+        cached = self._read_disk(name, source)
+        footprint = _footprint(cached.prepared, self.model)
+        self._check_coexists(name, footprint)  # the file changed since registration: check it again
+        with self._lock:
+            self._footprints[name] = footprint
+        self._remember(name, cached)
+        return cached.prepared
 
-    def _read_disk(self, name: str, source: _Source) -> dict[str, bytes]:
-        """The adapter's files, read now: a confined source is resolved and checked against the root again."""
+    def _directory(self, name: str, source: _Source) -> Path:
+        """The directory to read now: a confined source is resolved and checked against the root again."""
+        return self.confine(source.path, name) if source.confined else adapter_dir(source.path, name)
+
+    def _read_disk(self, name: str, source: _Source) -> _Cached:
+        """The adapter's files read now, validated against the model and checked servable per row."""
         self.disk_reads += 1
-        if not source.confined:
-            return read_checked(adapter_dir(source.path, name))
-        real = self.confine(source.path, name)
-        return read_checked(real, check=self._check_inside)
+        directory = self._directory(name, source)
+        stamp = _stamp(directory)  # before reading: a change while reading shows as a change next time
+        if source.confined:
+            files = read_checked(directory, check=self._check_inside)
+        else:
+            files = read_checked(directory)
+        where = source.path if source.confined else directory
+        found = adapter_from_bytes(where, files[CONFIG_NAME], files[WEIGHTS_NAME])
+        prepared = prepare_adapter(self.model, found, name, ignore_fingerprint=self.ignore_fingerprint)
+        _check_servable(name, prepared, self.model)
+        return _Cached(prepared, stamp)
 
-    def _remember(self, name: str, files: dict[str, bytes]) -> None:
-        size = sum(len(b) for b in files.values())
+    def _remember(self, name: str, cached: _Cached) -> None:
         with self._lock:
-            if size > self.cache_bytes or name not in self._paths:
+            if cached.prepared.nbytes > self.cache_bytes or name not in self._paths:
                 return
-            self._cache[name] = files
+            self._cache[name] = cached
             self._cache.move_to_end(name)
-            while sum(len(b) for f in self._cache.values() for b in f.values()) > self.cache_bytes:
+            while sum(c.prepared.nbytes for c in self._cache.values()) > self.cache_bytes:
                 self._cache.popitem(last=False)
 
-    def _load(self, name: str, files: dict[str, bytes], where: Path) -> None:
+    def _load(self, name: str, prepared: PreparedAdapter) -> None:
         # Plain tensors even on the engine thread (which runs in inference_mode), so the adapter stays an
         # ordinary trainable-kind tensor outside the server (tests, training in the same process).
-        with stage(files) as staged, torch.inference_mode(False):
-            try:
-                lorakit.load_adapter(
-                    self.model, staged, name=name, activate=False, ignore_fingerprint=self.ignore_fingerprint
-                )
-            except Exception as err:  # name the user's directory, not the private copy
-                named = shown(err, staged, where)
-                if named is err:
-                    raise
-                raise named from None
+        with torch.inference_mode(False):
+            load_prepared(self.model, prepared, name=name, activate=False)
         if self.slots is not None:
             self.slots.load(name)
         self.loads += 1
@@ -287,32 +324,52 @@ class AdapterRegistry:
             self._lru.pop(name, None)
 
 
-def _check_servable(name: str, files: dict[str, bytes], where: Path) -> None:
-    """Raises AdapterFileError for an invalid config, AdapterUnsupported for kinds per-row serving cannot run."""
-    source = f"{where}/{CONFIG_NAME}"
-    try:
-        raw = json.loads(files[CONFIG_NAME])
-        if not isinstance(raw, dict):
-            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        config = LoraConfig.from_peft_dict(raw, source=source)
-    except (ValueError, TypeError, AttributeError, RecursionError) as err:
-        raise AdapterFileError(
-            f"{source}: invalid config ({err})" if source not in str(err) else str(err)
-        ) from None
-    kinds = [k for k, on in (("DoRA", config.use_dora), ("trainable tokens", config.trainable_token_indices),
-                             ("modules_to_save", config.modules_to_save)) if on]  # fmt: skip
-    if kinds:
+def _footprint(prepared: PreparedAdapter, model: nn.Module) -> tuple[frozenset, frozenset]:
+    """(modules the adapter adapts with LoRA or trainable tokens, modules it keeps a copy of), each with the
+    output heads tied to them."""
+    plan = prepared.plan
+
+    def with_tied(names) -> frozenset:
+        return frozenset(n for m in names for n in (m, *(h for h, _ in tied_heads(model, m))))
+
+    return with_tied([*plan.lora, *plan.tokens]), with_tied(plan.saved)
+
+
+def _stamp(directory: Path) -> tuple:
+    """What identifies the adapter's files now: (device, inode, size, mtime_ns) of each, resolved; None for
+    a file that is not there (reading it then fails, naming it)."""
+    out = []
+    for file in FILES:
+        try:
+            st = os.stat(os.path.realpath(directory / file))
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+# Modules whose copy (modules_to_save) can run on a subset of the batch's rows: called with one batch-first
+# tensor, each row's output depending on that row alone.
+ROW_WISE = (nn.Embedding, nn.Linear, nn.LayerNorm)
+
+
+def _check_servable(name: str, prepared: PreparedAdapter, model: nn.Module) -> None:
+    """Raises AdapterUnsupported for what cannot run per row (see the class); naming the adapter and why."""
+    config, why = prepared.config, []
+    if config.target_parameters:
+        why.append(f"LoRA on parameters (target_parameters={config.target_parameters}) has no per-row path")
+    if config.bias != "none":
+        why.append(f"bias={config.bias!r} trains the base model's biases, which every row of a batch shares")
+    for module_name in prepared.plan.saved:
+        module = model.get_submodule(module_name)
+        kind = getattr(module, "base_class", type(module))
+        if not (issubclass(kind, ROW_WISE) or kind.__name__.endswith("RMSNorm")):
+            why.append(
+                f"modules_to_save {module_name!r} is a {kind.__name__}: only embeddings, Linear layers (heads) "
+                "and norms can run on some rows of a batch"
+            )
+    if why:
         raise AdapterUnsupported(
-            f"adapter {name!r} ({where}) uses {' and '.join(kinds)}: lorakit serve decodes every row of a "
-            "batch with its own LoRA adapter, and cannot do that for these yet; merge it "
+            f"adapter {name!r} ({prepared.source}) cannot be served per row: {'; '.join(why)}; merge it "
             "(`lorakit merge`) and serve the merged model instead"
         )
-
-
-def _check_weights(files: dict[str, bytes], where: Path) -> None:
-    try:
-        load_safetensors(files[WEIGHTS_NAME])
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise AdapterFileError(
-            f"{where}/{WEIGHTS_NAME}: unreadable safetensors file, corrupt or truncated? ({err})"
-        ) from None

@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..adapters import add_adapter, trainable_parameters
 from ..atomic import replace_files
 from ..config import LoraConfig
-from ..inject import model_modules
+from ..inject import head_is_tied, model_modules
 from ..io import save_adapter
 from ..models import load_model
 from ..vocab import grow_embeddings, read_new_tokens, vocab_size_for
@@ -168,7 +168,7 @@ def embedding_names(model: nn.Module) -> tuple[str, str | None, bool]:
     if id(emb) not in names:
         raise ValueError("the model's input embedding is not one of its modules")
     head_name = names.get(id(head)) if head is not None else None
-    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    tied = head is not None and head_is_tied(model)
     return names[id(emb)], head_name, tied
 
 

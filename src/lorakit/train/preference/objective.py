@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...adapters import disable_adapters
 from ...data.preference import MODES, collate_kto, collate_pairs
-from ...losses import _why_not_chunked
+from ...losses import why_not_chunked
 from .losses import dpo_loss, kto_kl, kto_loss, orpo_loss
 
 IGNORE = -100
@@ -48,7 +48,7 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    if _why_not_chunked(model) == "":
+    if why_not_chunked(model) == "":
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     else:
