@@ -80,18 +80,7 @@ def load_dataset(
             _check_mode(found, mode, where)  # the file's format does not fit the mode: never skippable
             fmt = found
         try:
-            if isinstance(row, DataError):
-                raise row
-            if found is None:
-                raise DataError(
-                    f"{where}: no 'messages', 'prompt'/'completion' or 'text' field (fields: {sorted(row)}); "
-                    "expected one of these formats"
-                )
-            if found != fmt:
-                raise DataError(
-                    f"{where}: a {found!r} row in a file of {fmt!r} rows; expected one format per file"
-                )
-            check_row(row, fmt, where)
+            _check_one(row, found, fmt, where)
             row = with_system(row, fmt, system)
             if fmt != "text":
                 ex = encode_sft(row, fmt, tokenizer, where)
@@ -120,6 +109,20 @@ def load_dataset(
         if not examples:
             raise DataError(f"{path}: the text holds fewer than 2 tokens; nothing to train on")
     return Dataset(examples, rows, fmt, len(reasons), path, reasons[:20], truncated)
+
+
+def _check_one(row, found: str | None, fmt: str | None, where: str) -> None:
+    """Raise the DataError of a row that is unreadable, of no known format, of another format than the file's."""
+    if isinstance(row, DataError):
+        raise row
+    if found is None:
+        raise DataError(
+            f"{where}: no 'messages', 'prompt'/'completion' or 'text' field (fields: {sorted(row)}); "
+            "expected one of these formats"
+        )
+    if found != fmt:
+        raise DataError(f"{where}: a {found!r} row in a file of {fmt!r} rows; expected one format per file")
+    check_row(row, fmt, where)
 
 
 def _too_long_error(too_long: list[tuple[str, int]], max_len: int, shown: int = 5) -> DataError:

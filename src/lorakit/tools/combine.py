@@ -85,27 +85,8 @@ def combine(
             different fingerprints over the same modules without `force`; `output` an input or an existing adapter. Nothing is
             written on any error.
     """
-    if not srcs:
-        raise ValueError("combine: give at least one adapter directory")
-    weights = [1.0] * len(srcs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(srcs):
-        raise ValueError(
-            f"combine: {len(weights)} weights for {len(srcs)} adapters; give one weight per adapter"
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"combine: weights must be finite numbers, got {weights}")
-    if method not in METHODS:
-        raise ValueError(f"combine: --method {method!r} is invalid: expected one of {METHODS}")
-    if method == "svd" and (not isinstance(rank, int) or rank <= 0):
-        raise ValueError("combine: --method svd needs --rank K (a positive integer)")
+    weights = _checked_args(srcs, weights, method, rank)
     task = method in task_arithmetic.METHODS
-    if method not in ("svd",) and not task and rank is not None:
-        raise ValueError(
-            f"combine: --rank applies to --method svd and the task-arithmetic methods only (method {method!r} "
-            "sets the rank itself)"
-        )
-    if task and rank is not None and (not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"combine: --rank {rank!r} is invalid: expected a positive integer")
     views = [open_adapter(s) for s in srcs]
     check_output(output, [v.path for v in views], overwrite)
     _check_combinable(views)
@@ -128,20 +109,10 @@ def combine(
                 report.append(ModuleCombine(name, A.shape[0], err))
     for name in names if not task else []:
         present = [(v.modules[name], w) for v, w in zip(views, weights) if name in v.modules]
-        terms = [(m.A.double(), m.B.double(), w * m.scale) for m, w in present]
-        exact_A, exact_B = LF.concat_factors(terms)
-        if method == "cat":
-            A, B = exact_A, exact_B
-        elif method == "svd":
-            U, S, Vh = LF.delta_svd(exact_A, exact_B, 1.0)
-            A, B = LF.svd_factors(U, S, Vh, rank)
-        else:
-            A, B = _linear(name, present, terms)
-        first = present[0][0]
-        dtype = _dtype(m for m, _ in present)
-        tensors.update(module_tensors(first, A, B, dtype))
+        A, B, err = _exact_merge(name, present, method, rank)
+        tensors.update(module_tensors(present[0][0], A, B, _dtype(m for m, _ in present)))
         ranks[name] = A.shape[0]
-        report.append(ModuleCombine(name, A.shape[0], _rel_error(A.to(dtype), B.to(dtype), exact_A, exact_B)))
+        report.append(ModuleCombine(name, A.shape[0], err))
 
     same = all(set(v.modules) == set(names) for v in views) and all(
         all(v.raw_config.get(k) == views[0].raw_config.get(k) for k in TARGET_KEYS) for v in views
@@ -151,6 +122,47 @@ def combine(
     config["base_model_name_or_path"] = bases.pop() if len(bases) == 1 else None
     write_result(output, config, tensors, fingerprint, overwrite)
     return CombineReport(report, notes)
+
+
+def _checked_args(srcs: list, weights: list[float] | None, method: str, rank: int | None) -> list[float]:
+    """The weights (one float per input); raises ValueError naming the argument that is wrong."""
+    if not srcs:
+        raise ValueError("combine: give at least one adapter directory")
+    weights = [1.0] * len(srcs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(srcs):
+        raise ValueError(
+            f"combine: {len(weights)} weights for {len(srcs)} adapters; give one weight per adapter"
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"combine: weights must be finite numbers, got {weights}")
+    if method not in METHODS:
+        raise ValueError(f"combine: --method {method!r} is invalid: expected one of {METHODS}")
+    if method == "svd" and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError("combine: --method svd needs --rank K (a positive integer)")
+    task = method in task_arithmetic.METHODS
+    if method not in ("svd",) and not task and rank is not None:
+        raise ValueError(
+            f"combine: --rank applies to --method svd and the task-arithmetic methods only (method {method!r} "
+            "sets the rank itself)"
+        )
+    if task and rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"combine: --rank {rank!r} is invalid: expected a positive integer")
+    return weights
+
+
+def _exact_merge(name: str, present: list, method: str, rank: int | None) -> tuple[Tensor, Tensor, float]:
+    """(A, B, relative error) of one module for "cat", "svd" or "linear"; `present` pairs (module, weight)."""
+    terms = [(m.A.double(), m.B.double(), w * m.scale) for m, w in present]
+    exact_A, exact_B = LF.concat_factors(terms)
+    if method == "cat":
+        A, B = exact_A, exact_B
+    elif method == "svd":
+        U, S, Vh = LF.delta_svd(exact_A, exact_B, 1.0)
+        A, B = LF.svd_factors(U, S, Vh, rank)
+    else:
+        A, B = _linear(name, present, terms)
+    dtype = _dtype(m for m, _ in present)
+    return A, B, _rel_error(A.to(dtype), B.to(dtype), exact_A, exact_B)
 
 
 def _check_combinable(views: list[AdapterView]) -> None:
