@@ -16,6 +16,7 @@ Everything else (several adapters or DoRA while training, trainable tokens while
 trainable or non-float base weight, Embedding, Conv2d) takes the plain path.
 
 `plain_path()` switches the fast paths off inside a `with` block (for comparisons and debugging).
+`offload_activations(model)` (offload.py) moves what autograd keeps to CPU memory during forward (GPU training).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import threading
 from collections.abc import Iterator
 
 from .linear import lora_linear_train
+from .offload import offload_activations
 from .recompute import set_recompute
 
-__all__ = ["enabled", "lora_linear_train", "plain_path", "set_recompute"]
+__all__ = ["enabled", "lora_linear_train", "offload_activations", "plain_path", "set_recompute"]
 
 _state = threading.local()
 
