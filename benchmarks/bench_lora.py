@@ -37,6 +37,7 @@ TRAIN_CONFIGS = {
     "lorakit_d0": {"lib": "lorakit", "dropout": 0.0},
     "lorakit_d0.05": {"lib": "lorakit", "dropout": 0.05},
     "lorakit_d0_chunkCE": {"lib": "lorakit", "dropout": 0.0, "chunk": 1024},
+    "lorakit_d0_save_x": {"lib": "lorakit", "dropout": 0.0, "save_x": True},
     "peft_d0": {"lib": "peft", "dropout": 0.0},
     "peft_d0.05": {"lib": "peft", "dropout": 0.05},
 }
@@ -81,8 +82,9 @@ def base_model(args):
     return model
 
 
-def with_adapters(model, lib, dropout, names=("default",)):
-    """Add adapters (B random so that nothing is trivially zero) in place; returns the model to call."""
+def with_adapters(model, lib, dropout, names=("default",), save_x=False):
+    """Add adapters (B random so that nothing is trivially zero) in place; returns the model to call.
+    save_x: lorakit saves every layer input instead of rebuilding it in backward (fast.set_recompute)."""
     import torch
 
     if lib == "base":
@@ -95,6 +97,10 @@ def with_adapters(model, lib, dropout, names=("default",)):
             cfg = lorakit.LoraConfig(r=R, alpha=ALPHA, dropout=dropout, targets="all-linear")
             lorakit.add_adapter(model, cfg, name=n)
         lorakit.set_adapter(model, names[0])
+        if save_x:
+            from lorakit.fast import set_recompute
+
+            set_recompute(model, False)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -161,7 +167,7 @@ def worker_train_time(args) -> dict:
     for name, c in TRAIN_CONFIGS.items():
         if c["lib"] == "peft" and args.skip_peft:
             continue
-        model = with_adapters(copy.deepcopy(base), c["lib"], c["dropout"])
+        model = with_adapters(copy.deepcopy(base), c["lib"], c["dropout"], save_x=c.get("save_x", False))
         steps[name] = train_step_fn(args, model, c["lib"], c.get("chunk", 0))
     times = {n: [] for n in steps}
     for i in range(args.steps + 1):
@@ -175,7 +181,7 @@ def worker_train_time(args) -> dict:
 def worker_train_mem(args) -> dict:
     torch = setup(args)
     c = TRAIN_CONFIGS[args.config]
-    model = with_adapters(base_model(args), c["lib"], c["dropout"])
+    model = with_adapters(base_model(args), c["lib"], c["dropout"], save_x=c.get("save_x", False))
     step = train_step_fn(args, model, c["lib"], c.get("chunk", 0))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -342,11 +348,10 @@ def table(res: dict) -> str:
     base_m = mem.get("base", {}).get("peak_mb", nan)
     lines = [f"machine: {res['machine']}; dtype {res['dtype']}", "", "training, batch 4x256, r=16 all-linear"]
     lines.append(f"{'config':<22}{'step s':>9}{'/ base':>9}{'peak MB':>10}{'+MB over base':>15}")
-    for n, t in tr.items():
-        m = mem.get(n, {}).get("peak_mb", float("nan"))
-        lines.append(
-            f"{n:<22}{t['median_s']:>9.3f}{t['median_s'] / base_t:>9.3f}{m:>10.0f}{m - base_m:>15.0f}"
-        )
+    for n in [*tr, *(k for k in mem if k not in tr)]:  # memory alone (--only mem) prints its rows too
+        t = tr.get(n, {}).get("median_s", nan)
+        m = mem.get(n, {}).get("peak_mb", nan)
+        lines.append(f"{n:<22}{t:>9.3f}{t / base_t:>9.3f}{m:>10.0f}{m - base_m:>15.0f}")
     for d in ("d0", "d0.05"):
         a, b = f"lorakit_{d}", f"peft_{d}"
         if a in mem and b in mem and mem[b]["peak_mb"] > base_m:

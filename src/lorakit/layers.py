@@ -10,7 +10,8 @@ What an adapter *does* is its variant's business (variants.py: LoRA, DoRA); a la
 shape-specific math (`_lora_branch`, `_lora_add_`, `_delta_weight`) and asks `live_adapters()` which apply.
 
 State is explicit: `active` (adapter names whose delta is added), `merged` (names folded into W),
-`disabled`, `fused` (the sibling projections reading the same input, set by adapters.link_fused). Per-row
+`disabled`, `fused` (the sibling projections reading the same input, set by adapters.link_fused),
+`recompute_input` (training rebuilds the input in backward instead of saving it, fast/recompute.py). Per-row
 adapters come from the one mapping of the step (rowstate.current(), set by `per_row_adapters`). Nothing in
 forward changes any of it.
 """
@@ -59,6 +60,7 @@ class LoraLayer:
         self.merged = []
         self.disabled = False
         self.fused = None  # fast.fused.FusedGroup of the sibling projections (adapters.link_fused)
+        self.recompute_input = True  # training rebuilds x in backward where recognised (fast/recompute.py)
         self.base_digest = ""  # fingerprint of W before any merge / PiSSA (set by wrap)
 
     # -- adapters ----------------------------------------------------------------------------------------------
@@ -264,7 +266,8 @@ class LinearLike(LoraLayer):
             return super().forward(x)
         if self.fused is not None:
             return self.fused.forward(self, x)
-        return fast.lora_linear_train(x, [self.train_factors()], self.train_dropout(), self._conv1d())[0]
+        p, conv1d = self.train_dropout(), self._conv1d()
+        return fast.lora_linear_train(x, [self.train_factors()], p, conv1d, self.recompute_input)[0]
 
     def _needs_grad(self, x: Tensor, ws: list[LoraWeights]) -> bool:
         if not torch.is_grad_enabled():
@@ -485,6 +488,7 @@ def unwrap(layer: LoraLayer) -> nn.Module:
         "merged",
         "disabled",
         "fused",
+        "recompute_input",
         "base_class",
         "base_digest",
     ):

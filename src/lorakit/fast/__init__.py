@@ -5,7 +5,9 @@ layer's decision (layers.LinearLike.forward), the arithmetic is here, on functio
 - Training, one active adapter on an nn.Linear / GPT-2 Conv1D with a frozen float weight:
   `linear.LoraLinearFunction`, a hand-derived backward that keeps one x per input tensor, a bool dropout
   mask instead of a dropped copy of x, and accumulates dx in place; the projections that read one x (q/k/v,
-  gate/up) run as one call of it (`fused.FusedGroup`): one matmul of x with their stacked A.
+  gate/up) run as one call of it (`fused.FusedGroup`): one matmul of x with their stacked A. Where x's
+  producer is recognised (an RMSNorm, act(gate) · up) x is not even saved: it is rebuilt in backward from the
+  tensors the base keeps anyway (`recompute.py`; `set_recompute(model, False)` saves it instead).
 - Inference (no gradient needed), any number of active adapters on a Linear-like layer, quantized bases
   included: the base output plus each adapter's in-place `add_` (variants.py; DoRA included).
 - Per-row adapters (mixed batches, `per_row_adapters`): `rows.add_rows_`, from the slots written when
@@ -14,6 +16,7 @@ Everything else (several adapters or DoRA while training, trainable tokens while
 trainable or non-float base weight, Embedding, Conv2d) takes the plain path.
 
 `plain_path()` switches the fast paths off inside a `with` block (for comparisons and debugging).
+`offload_activations(model)` (offload.py) moves what autograd keeps to CPU memory during forward (GPU training).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import threading
 from collections.abc import Iterator
 
 from .linear import lora_linear_train
+from .offload import offload_activations
+from .recompute import set_recompute
 
-__all__ = ["enabled", "lora_linear_train", "plain_path"]
+__all__ = ["enabled", "lora_linear_train", "offload_activations", "plain_path", "set_recompute"]
 
 _state = threading.local()
 

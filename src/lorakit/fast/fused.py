@@ -44,8 +44,10 @@ class FusedGroup:
         self._handover = None
         members = [m for m in self.members if m is layer or self._joins(m, layer, x)]
         if len(members) == 1:
-            return lora_linear_train(x, [layer.train_factors()], layer.train_dropout(), layer._conv1d())[0]
-        outs = lora_linear_train(x, [m.train_factors() for m in members], layer.train_dropout(), False)
+            p, conv1d = layer.train_dropout(), layer._conv1d()
+            return lora_linear_train(x, [layer.train_factors()], p, conv1d, layer.recompute_input)[0]
+        factors = [m.train_factors() for m in members]
+        outs = lora_linear_train(x, factors, layer.train_dropout(), False, layer.recompute_input)
         rest = {m: y for m, y in zip(members, outs) if m is not layer}
         self._handover = (x, x._version, rest)
         return outs[members.index(layer)]

@@ -27,6 +27,8 @@ What is saved for backward: x itself (the *same* tensor object the caller passed
 input, keep one copy between them, and so do gate/up), u (N×r, 1/36 of x at in = 576, r = 16: cheaper to keep
 than to recompute), and, with dropout, the keep-mask as bools (1 byte per element instead of a 4-byte copy of
 D(x) per module, which is what generic autograd keeps). dx is accumulated in place: dx = dy W, then addmm_.
+Where x's producer is recognised (fast/recompute.py: an RMSNorm, act(gate) · up), x is not saved at all: the
+Function keeps references to the operands the base's graph already keeps and rebuilds x bitwise in backward.
 
 The mask comes from a generator seeded by one draw from torch's global RNG, so `torch.manual_seed` makes runs
 reproducible and activation checkpointing (which restores the RNG state) replays the same mask. Random bits are
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as LF
+from . import recompute
 
 
 def dropout_keep_mask(
@@ -73,11 +76,12 @@ class LoraLinearFunction(torch.autograd.Function):
     frozen, b_1..b_k (out_i,) or None, A_1..A_k (r_i, in), B_1..B_k (out_i, r_i). W may be a transposed view
     (Conv1D). A and B may be in a wider dtype than x (fp32 adapters on a bf16 base): the LoRA branch is then
     computed in A's dtype and added in x's, as the plain path does. addmm_bias: compute the base as
-    torch.addmm(b, x, Wᵀ) (what Conv1D does) instead of F.linear. Returns a tuple of k outputs.
+    torch.addmm(b, x, Wᵀ) (what Conv1D does) instead of F.linear. src: None (save x) or recompute.source(x)
+    (plan, tensors): keep those tensors instead of x and rebuild x in backward. Returns a tuple of k outputs.
     """
 
     @staticmethod
-    def forward(ctx, x, p, seed, scales, addmm_bias, *tensors):
+    def forward(ctx, x, p, seed, scales, addmm_bias, src, *tensors):
         k = len(scales)
         Ws, bs, As, Bs = (tensors[i * k : (i + 1) * k] for i in range(4))
         lead, d_in = x.shape[:-1], x.shape[-1]
@@ -95,16 +99,19 @@ class LoraLinearFunction(torch.autograd.Function):
         for y, B, s in zip(ys, Bs, scales):
             LF.lora_up_(y, u[:, col : col + B.shape[1]], B, s)
             col += B.shape[1]
-        ctx.save_for_backward(x, A, u, keep, *Ws, *Bs)
+        kept = (x,) if src is None else src[1]
+        ctx.save_for_backward(A, u, keep, *Ws, *Bs, *kept)
+        ctx.plan = None if src is None else src[0]  # how to rebuild x from `kept` (recompute.rebuild)
+        ctx.x_shape = x.shape
         ctx.scales, ctx.keep_scale, ctx.has_bias = scales, keep_scale, [b is not None for b in bs]
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        x, A, u, keep, *rest = ctx.saved_tensors
+        A, u, keep, *rest = ctx.saved_tensors
         k = len(ctx.scales)
-        Ws, Bs = rest[:k], rest[k:]
-        needs = ctx.needs_input_grad[5:]
+        Ws, Bs, kept = rest[:k], rest[k : 2 * k], rest[2 * k :]
+        needs = ctx.needs_input_grad[6:]
         need_b, need_A, need_B = needs[k : 2 * k], needs[2 * k : 3 * k], needs[3 * k : 4 * k]
         N = u.shape[0]
         dy2s = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
@@ -126,15 +133,17 @@ class LoraLinearFunction(torch.autograd.Function):
         G = gs[0] if k == 1 else torch.cat(gs, dim=1)  # (N, R)
         dAs = [None] * k
         if any(need_A):
+            x = kept[0] if ctx.plan is None else recompute.rebuild(ctx.plan, kept)
             xa = x.reshape(N, -1)
             xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
             dA = G.t() @ (xa if keep is None else xa * keep)
             dAs = list(dA.split([B.shape[1] for B in Bs]))
-        dx = _dx(dy2s, Ws, G, A, keep, x) if ctx.needs_input_grad[0] else None
-        return (dx, None, None, None, None, *([None] * k), *dbs, *dAs, *dBs)
+            del x, xa  # a rebuilt x lives only for dA
+        dx = _dx(dy2s, Ws, G, A, keep, ctx.x_shape, Ws[0].dtype) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, None, None, *([None] * k), *dbs, *dAs, *dBs)
 
 
-def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x: Tensor) -> Tensor:
+def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x_shape, dtype) -> Tensor:
     """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer."""
     dx = None
     for dy2, W in zip(dy2s, Ws):
@@ -145,7 +154,7 @@ def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x: Tensor) -> Tensor:
         else:
             dx.addmm_(dy2, W)
     if dx is None:
-        dx = torch.zeros(G.shape[0], A.shape[1], dtype=x.dtype, device=x.device)
+        dx = torch.zeros(G.shape[0], A.shape[1], dtype=dtype, device=G.device)
     if keep is None and dx.dtype == A.dtype:
         dx.addmm_(G, A)
     else:
@@ -153,17 +162,23 @@ def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x: Tensor) -> Tensor:
         if keep is not None:
             t.mul_(keep)
         dx.add_(t.to(dx.dtype))
-    return dx.view(x.shape)
+    return dx.view(x_shape)
 
 
 def lora_linear_train(
-    x: Tensor, layers: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]], p: float, addmm_bias: bool
+    x: Tensor,
+    layers: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]],
+    p: float,
+    addmm_bias: bool,
+    recompute_x: bool = False,
 ) -> tuple[Tensor, ...]:
     """Base + one adapter each for k layers reading x, through LoraLinearFunction.
 
     layers: (W (out, in) frozen, b or None, A, B, scale) per layer. p: the dropout probability (0 in eval).
+    recompute_x: rebuild x in backward from what its producer keeps, when recognised (recompute.py).
     Returns the k outputs.
     """
     seed = draw_seed() if p > 0.0 else 0
     Ws, bs, As, Bs, scales = zip(*layers)
-    return LoraLinearFunction.apply(x, p, seed, tuple(scales), addmm_bias, *Ws, *bs, *As, *Bs)
+    src = recompute.source(x) if recompute_x else None
+    return LoraLinearFunction.apply(x, p, seed, tuple(scales), addmm_bias, src, *Ws, *bs, *As, *Bs)
