@@ -389,7 +389,8 @@ class _Run:
         if self.objective is not None:
             obj, pad = self.objective, self.pad_id
             micros = [[self.examples[i] for i in mine[m * bs : (m + 1) * bs]] for m in range(accum)]
-            steps = [functools.partial(obj.micro_loss, examples=micro, pad_id=pad) for micro in micros]
+            shared = obj.step_options(self.engine, micros, pad, ctx)  # KTO: the step's KL reference point
+            steps = [functools.partial(obj.micro_loss, examples=m, pad_id=pad, **shared) for m in micros]
         else:
             steps = [
                 functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)

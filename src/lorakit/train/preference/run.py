@@ -78,11 +78,16 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     )  # fmt: skip
 
     results: dict[str, Any] = {}
+    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
+    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
+        with engine.evaluating() as m:
+            after = evaluate(m, held_out.examples)
+    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
+        if ctx.is_main:
+            save_prepared(prepared, output)
     if ctx.is_main:
-        after = evaluate(model, held_out.examples) if held_out is not None else None
         if after is not None:
             say(f"after:  {format_metrics(after)}")
-        save_prepared(prepared, output)
         replace(cfg, resume=False).save(output / "train_config.yaml")
         results = {
             "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
