@@ -452,7 +452,9 @@ class _Run:
                     )
             if ctx.is_main:
                 self.log.write({"step": done, **ev})
-                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
+                extra = "".join(f"  {k} {ev['eval_' + k]:.3f}" for k in ("reward_accuracy", "reward_margin", "kl")
+                                if "eval_" + k in ev)  # fmt: skip
+                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}{extra}")
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
             self.save_checkpoint(done)
         if distributed.any_flag(ctx, stop, self.device):

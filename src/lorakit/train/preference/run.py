@@ -31,9 +31,10 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     from lorakit.data.preference import load_preference
     from lorakit.models import is_quantized
 
+    from .. import tracking
     from ..loop import _pad_id, _say, _seed, fit
     from ..metrics import plot_loss
-    from ..prepare import prepare, save_prepared
+    from ..prepare import prepare, save_prepared, use_chat_template
 
     if cfg.data is None:
         raise ValueError(
@@ -43,8 +44,15 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
         )
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
+    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    if done is not None:  # as SFT: --resume of a finished run does nothing
+        if ctx.is_main:
+            checkpoint.remove(output)
+        say(f"--resume: the run in {output} already finished ({done.get('steps')} steps); nothing to do")
+        return done
     _seed(cfg.seed)
     prepared = prepare(cfg)
+    use_chat_template(prepared, cfg.chat_template)  # --chat-template, as in SFT
     model, tokenizer = prepared.model, prepared.tokenizer
     if not is_quantized(model):
         model.to(ctx.device)
@@ -72,6 +80,8 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
         precompute_reference(model, train.examples, cfg.batch_size, pad_id)
         say(f"reference log-probs precomputed for {len(train.examples)} rows (adapter disabled)")
 
+    if ctx.is_main:
+        tracking.start(cfg, output)  # --report-to
     fitted = fit(
         model, train.examples, cfg, pad_id=pad_id,
         eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
@@ -95,7 +105,8 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
             "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
         }  # fmt: skip
         write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-        plot_loss(output / "metrics.jsonl", output / "loss.png")
+        tracking.finish(results)
+        plot_loss(output / "metrics.jsonl", output / "loss.png", before=(before or {}).get("loss"))
         checkpoint.remove(output)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
     distributed.barrier(ctx)
