@@ -33,7 +33,6 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
 
     from .. import tracking
     from ..loop import _pad_id, _say, _seed, fit
-    from ..metrics import plot_loss
     from ..prepare import prepare, save_prepared, use_chat_template
 
     if cfg.data is None:
@@ -46,10 +45,7 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     output = Path(cfg.output)
     done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
     if done is not None:  # as SFT: --resume of a finished run does nothing
-        if ctx.is_main:
-            checkpoint.remove(output)
-        say(f"--resume: the run in {output} already finished ({done.get('steps')} steps); nothing to do")
-        return done
+        return _already_finished(output, done, ctx, say)
     _seed(cfg.seed)
     prepared = prepare(cfg)
     use_chat_template(prepared, cfg.chat_template)  # --chat-template, as in SFT
@@ -98,19 +94,37 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     if ctx.is_main:
         if after is not None:
             say(f"after:  {format_metrics(after)}")
-        replace(cfg, resume=False).save(output / "train_config.yaml")
         results = {
             "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
             "steps": fitted.steps, "train_seconds": round(fitted.seconds, 3),
             "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
         }  # fmt: skip
-        write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-        tracking.finish(results)
-        plot_loss(output / "metrics.jsonl", output / "loss.png", before=(before or {}).get("loss"))
-        checkpoint.remove(output)
+        _write_records(cfg, output, results)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
     distributed.barrier(ctx)
     return results
+
+
+def _already_finished(output: Path, done: dict[str, Any], ctx: distributed.Context, say) -> dict[str, Any]:
+    if ctx.is_main:
+        checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
+    say(
+        f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
+    )
+    return done
+
+
+def _write_records(cfg: TrainConfig, output: Path, results: dict[str, Any]) -> None:
+    """train_config.yaml, results.json (which marks the run finished), the trackers' finals, loss.png; then
+    the checkpoints go (rank 0, after the adapter is saved)."""
+    from .. import tracking
+    from ..metrics import plot_loss
+
+    replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
+    write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+    tracking.finish(results)
+    plot_loss(output / "metrics.jsonl", output / "loss.png", before=(results["before"] or {}).get("loss"))
+    checkpoint.remove(output)
 
 
 @torch.no_grad()
