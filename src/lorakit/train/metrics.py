@@ -220,7 +220,8 @@ def preference_series(records: list[dict]) -> list[tuple[str, dict[str, list[tup
     for title, keys in _PANELS:
         series = {}
         for key, label in keys:
-            for k, name in ((key, label), (f"eval_{key}", f"held-out {label}")):
+            held_out = "held-out" if label == "train" else f"held-out {label}"
+            for k, name in ((key, label), (f"eval_{key}", held_out)):
                 points = [(r["step"], r[k]) for r in records if _finite(r.get(k))]
                 if points:
                     series[name] = points
