@@ -12,7 +12,8 @@ the mean over all the step's rows, on every process, of log π(y'|x) - log π_re
 (prompt i with the answer of row i - 1 of the same micro-batch, TRL's rotation), clamped at 0, detached. With
 one micro-batch per step this is TRL's KTOTrainer exactly (its per-process means averaged over processes, equal
 batch sizes); under gradient accumulation TRL takes a z0 per micro-batch, lorakit one per step, so that the
-update does not depend on how a step is split into micro-batches and processes (as for every other mode).
+update does not depend on how a step's micro-batches are spread over processes and accumulation (as for
+every other mode; the mismatched pairs, built within a micro-batch, still depend on the micro-batch size).
 
 The reference log-probs are the same model's under `lorakit.disable_adapters` (no second model), computed
 without gradients, or precomputed once (`precompute_ref`). Chosen and rejected go through one forward (the
