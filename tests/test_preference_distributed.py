@@ -49,7 +49,7 @@ def _assert_same_records(two, one, keys):
      ("kto", ("loss", "kl", "rewards_desirable", "logps_desirable", "logps_undesirable"))],
 )  # fmt: skip
 def test_ddp_equals_one_process(mode, keys, tmp_path):
-    """KTO: z0 is the step's (all micro-batches, both processes), so the split does not change the update."""
+    """KTO: z0 is the step's (all micro-batches, both processes): 2 processes x 2 accumulation = 1 x 4."""
     out = tmp_path / "ddp"
     res = torchrun(out, "--mode", mode, "--steps", STEPS, "--batch-size", 2, "--grad-accum", 2)
     assert "8 rows (2 x 2 accumulation x 2 processes)" in res.stderr
