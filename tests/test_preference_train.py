@@ -1,6 +1,7 @@
 """Preference modes in the training loop and on the command line: accumulation, resume, precomputed
 reference, data errors, and what a run writes (tiny models, seconds each)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,7 +14,10 @@ from conftest import quantizable_llama_dir, tiny_llama, tiny_tokenizer
 from lorakit.data import DataError
 from lorakit.data.preference import load_preference
 from lorakit.train import TrainConfig, loop
+from lorakit.train.metrics import read as metrics_read
 from lorakit.train.preference import objective as objective_mod
+
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _pairs(n=8):
@@ -157,20 +161,38 @@ def test_loss_only_on_the_last_answer(tmp_path):
     assert tok.decode([t for t in ex.rejected.labels if t != -100]) == "no<|im_end|>\n"
 
 
-@pytest.mark.parametrize("mode", ["dpo"])  # kto runs through the same run_preference (and fit above)
+@pytest.mark.parametrize("mode", ["dpo", "kto"])
 def test_cli_run_writes_preference_metrics(mode, tmp_path, capsys):
     from lorakit.cli import main
+    from lorakit.train.metrics import preference_series
 
     model_dir = quantizable_llama_dir(tmp_path / "model")
     rows = _kto() if mode == "kto" else _pairs()
     data = _write(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
-    code = main(
-        ["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--mode", mode,
-         "--output", str(out), "--steps", "3", "--batch-size", "4", "--lr", "0.05", "--rank", "4",
-         "--eval-every", "3", "--max-len", "64", "--log-every", "1"]
-    )  # fmt: skip
-    assert code == 0
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--mode", mode,
+            "--output", str(out), "--steps", "3", "--batch-size", "4", "--lr", "0.05", "--rank", "4",
+            "--eval-every", "3", "--max-len", "64", "--log-every", "1"]  # fmt: skip
+    assert main(args + (["--report-to", "tensorboard"] if TENSORBOARD else [])) == 0
+    err = capsys.readouterr().err
+    # The eval line of the progress shows the preference metrics too; loss.png has their panels.
+    assert ("eval loss" in err) and ("reward_accuracy" if mode == "dpo" else "kl ") in err.split("eval loss")[
+        1
+    ]
+    titles = [t for t, _ in preference_series(metrics_read(out / "metrics.jsonl"))]
+    assert len(titles) == (3 if mode == "dpo" else 2) and any("log-probs" in t for t in titles), titles
+    if TENSORBOARD:  # --report-to: the per-step preference metrics and the final held-out ones
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        want = {"reward_margin", "final/after/reward_margin"} if mode == "dpo" else {"kl", "final/after/kl"}
+        assert want <= tags, tags
+    before = (out / "metrics.jsonl").read_text()
+    assert main(args + ["--resume"]) == 0  # a finished run: nothing to do, nothing rewritten
+    assert "already finished" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
     results = json.loads((out / "results.json").read_text())
     reward = "reward_margin" if mode == "dpo" else "rewards_desirable"
     assert results["before"][reward] == 0.0  # B = 0: the policy is the reference, every implicit reward is 0
@@ -181,4 +203,4 @@ def test_cli_run_writes_preference_metrics(mode, tmp_path, capsys):
     assert all(key in r for r in records if "loss" in r) and any("eval_loss" in r for r in records)
     assert (out / "loss.png").stat().st_size > 0 and (out / "adapter_model.safetensors").is_file()
     shown = "acc " if mode == "dpo" else "kl "
-    assert shown in capsys.readouterr().err  # the progress line shows the preference metric
+    assert shown in err  # the progress line shows the preference metric

@@ -254,3 +254,33 @@ def test_grpo_objective_matches_trl(beta, tmp_path):
     mine.backward()
     torch.testing.assert_close(mine, expected.detach(), atol=1e-5, rtol=1e-5)
     _assert_same_grads(ours, tr.model, mapping)
+
+
+def test_kto_step_kl_is_trls_over_processes(tmp_path):
+    """TRL on N processes: z0 = clamp(mean over processes of each one's micro-batch mean log-ratio on its
+    mismatched pairs). lorakit takes one z0 per optimizer step, over all its micro-batches and processes: with
+    the two halves of KTO_ROWS as the step's micro-batches (two processes, or one with 2 accumulation steps),
+    it equals TRL's two-process value, built from TRL's KL of each half (each > 0, so clamping each half
+    first changes nothing). A z0 per micro-batch (lorakit before, TRL under accumulation) would not."""
+    from lorakit.train import distributed
+
+    halves = [KTO_ROWS[:2], KTO_ROWS[2:]]
+    trl_kl = []
+    for i, half in enumerate(halves):
+        tr, batch = _trainer("kto", half, tmp_path / f"trl{i}", seed=KTO_SEED, beta=0.2)
+        tr.compute_loss(tr.model, batch)
+        trl_kl.append(tr._metrics["train"]["kl"][-1])
+    assert min(trl_kl) > 0 and abs(trl_kl[0] - trl_kl[1]) > 1e-3, trl_kl
+
+    ours, _ = _lorakit_twin(tr.model)
+    ds = load_preference(_write(tmp_path / "kto.jsonl", KTO_ROWS), tiny_tokenizer(), "kto", max_len=64)
+    micros = [ds.examples[:2], ds.examples[2:]]
+    obj = PreferenceObjective("kto", beta=0.2)
+    ctx = distributed.Context()
+    shared = obj.step_options(distributed.wrap(ours, ctx, "ddp"), micros, 0, ctx)
+    assert shared["kl"] == pytest.approx(sum(trl_kl) / 2, abs=1e-5)  # float32 sums of ~30-nat log-probs
+    # Each micro-batch's loss uses that z0 (the KL metric reports it), not its own estimate.
+    for micro, own in zip(micros, trl_kl):
+        _, n, metrics = obj.micro_loss(ours, micro, pad_id=0, **shared)
+        assert metrics["kl"] / n == pytest.approx(shared["kl"], abs=1e-6)
+        assert obj.micro_loss(ours, micro, pad_id=0)[2]["kl"] / n == pytest.approx(own, abs=1e-5)

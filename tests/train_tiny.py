@@ -35,6 +35,35 @@ def examples(n: int = 24, seed: int = 0, vocab: int = 128) -> list:
     return out
 
 
+def preference_examples(mode: str, n: int = 24) -> list:
+    """Pairs (mode "dpo" / "orpo") or labelled rows ("kto") of arithmetic prompts, tokenized by the tiny
+    character tokenizer through `load_preference` (answers of different lengths; KTO labels mixed)."""
+    import tempfile
+
+    from conftest import tiny_tokenizer
+    from lorakit.data.preference import load_preference
+
+    if mode == "kto":
+        rows = [
+            {"prompt": f"say {i}", "completion": f"{i}" if i % 3 else f"not {i}!", "label": i % 3 != 0}
+            for i in range(n)
+        ]
+    else:
+        rows = [
+            {
+                "prompt": f"what is {i} + {i}?",
+                "chosen": str(2 * i),
+                "rejected": f"{2 * i + 1} or so" * (1 + i % 2),
+            }
+            for i in range(n)
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return load_preference(path, tiny_tokenizer(), mode, max_len=64).examples
+
+
 def model_with_adapter(
     seed: int = 0, dropout: float = 0.0, checkpointing: bool = False, quantized: str = "", moe: bool = False
 ):
@@ -148,13 +177,17 @@ def main() -> int:
     p.add_argument("--quantized-model", default="", help="a model directory, loaded in 4-bit (QLoRA)")
     p.add_argument("--moe", action="store_true", help="a tiny Mixtral with LoRA on its fused experts")
     p.add_argument("--no-packing", action="store_true", help="pad every micro-batch (packing off)")
+    p.add_argument(
+        "--mode", default="sft", help="sft, or a preference mode (dpo, orpo, kto) on `preference_examples`"
+    )
+    p.add_argument("--beta", type=float, default=0.1)
     a = p.parse_args()
     torch.set_num_threads(1)
     ctx = distributed.init(a.distributed)
     cfg = config(
         a.output, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, save_every=a.save_every,
         dropout=a.dropout, resume=a.resume, distributed=a.distributed, loss_chunk=a.loss_chunk,
-        packing=False if a.no_packing else None,
+        packing=False if a.no_packing else None, mode=a.mode, beta=a.beta,
     )  # fmt: skip
     model = model_with_adapter(
         dropout=a.dropout, checkpointing=a.gradient_checkpointing, quantized=a.quantized_model, moe=a.moe
@@ -173,7 +206,8 @@ def main() -> int:
         stop_after(a.stop_after)
     memory = base_memory_probe(model) if a.report_memory else None
     try:
-        loop.fit(model, examples(vocab=model.config.vocab_size), cfg, pad_id=0, ctx=ctx)
+        rows = examples(vocab=model.config.vocab_size) if a.mode == "sft" else preference_examples(a.mode)
+        loop.fit(model, rows, cfg, pad_id=0, ctx=ctx)
     except KeyboardInterrupt:
         return 130
     if memory is not None:

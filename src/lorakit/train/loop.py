@@ -396,7 +396,8 @@ class _Run:
         if self.objective is not None:
             obj, pad = self.objective, self.pad_id
             micros = [[self.examples[i] for i in mine[m * bs : (m + 1) * bs]] for m in range(accum)]
-            steps = [functools.partial(obj.micro_loss, examples=micro, pad_id=pad) for micro in micros]
+            shared = obj.step_options(self.engine, micros, pad, ctx)  # KTO: the step's KL reference point
+            steps = [functools.partial(obj.micro_loss, examples=m, pad_id=pad, **shared) for m in micros]
         else:
             steps = [
                 functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)
@@ -458,7 +459,9 @@ class _Run:
                     )
             if ctx.is_main:
                 self.log.write({"step": done, **ev})
-                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
+                extra = "".join(f"  {k} {ev['eval_' + k]:.3f}" for k in ("reward_accuracy", "reward_margin", "kl")
+                                if "eval_" + k in ev)  # fmt: skip
+                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}{extra}")
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
             self.save_checkpoint(done)
         if distributed.any_flag(ctx, stop, self.device):

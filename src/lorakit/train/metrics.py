@@ -153,7 +153,8 @@ def plot_loss(
     """Draw loss against step from metrics.jsonl into `png_path` (atomically); None when nothing to draw.
 
     The raw training loss is drawn faint with its smoothed curve (`smooth`) over it; evaluation losses as
-    points, starting with `before` (the held-out loss before training) at step 0 when given.
+    points, starting with `before` (the held-out loss before training) at step 0 when given. Preference
+    runs add a panel per metric group (`preference_series`): reward accuracy, margin, answer log-probs, KTO's z0.
     """
     records = read(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and _finite(r["loss"])]
@@ -167,12 +168,10 @@ def plot_loss(
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    accuracy = [(r["step"], r["reward_accuracy"]) for r in records if _finite(r.get("reward_accuracy"))]
-    eval_accuracy = [
-        (r["step"], r["eval_reward_accuracy"]) for r in records if _finite(r.get("eval_reward_accuracy"))
-    ]
-    fig = Figure(figsize=(10 if accuracy else 6, 4), dpi=100)
-    ax = fig.add_subplot(1, 2 if accuracy else 1, 1)
+    panels = preference_series(records)
+    cols, rows = (2, 1 + len(panels) // 2) if panels else (1, 1)
+    fig = Figure(figsize=(5 * cols, 4 * rows), dpi=100)
+    ax = fig.add_subplot(rows, cols, 1)
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1.0, label="train loss")
@@ -185,20 +184,50 @@ def plot_loss(
         if before is not None and evals[0][0] == 0:
             ax.annotate("before training", evals[0], textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per pair / row)" if accuracy else "loss (nats / token)")
+    ax.set_ylabel("loss (mean per pair / row)" if panels else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    if accuracy:  # preference modes: reward accuracy (chosen reward > rejected) beside the loss
-        ax2 = fig.add_subplot(1, 2, 2)
-        ax2.plot(*zip(*accuracy), label="train reward accuracy", linewidth=1.2)
-        if eval_accuracy:
-            ax2.plot(*zip(*eval_accuracy), "o-", label="eval reward accuracy", linewidth=1.2)
-        ax2.set_xlabel("optimizer step")
-        ax2.set_ylim(-0.02, 1.02)
-        ax2.grid(alpha=0.3)
-        ax2.legend()
+    for i, (title, series) in enumerate(panels, 2):  # preference modes: their metrics beside the loss
+        axi = fig.add_subplot(rows, cols, i)
+        for label, points in series.items():
+            axi.plot(*zip(*points), "o-" if label.startswith("held-out") else "-", label=label, linewidth=1.2)
+        axi.set_title(title, fontsize=10)
+        axi.set_xlabel("optimizer step")
+        if "accuracy" in title:
+            axi.set_ylim(-0.02, 1.02)
+        axi.grid(alpha=0.3)
+        axi.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, png_path)
+
+
+# The preference panels of loss.png: (title, [(metrics.jsonl key, legend label)]); train keys per step,
+# eval_ keys per evaluation.
+_PANELS = (
+    ("reward accuracy (chosen reward > rejected)", (("reward_accuracy", "train"),)),
+    ("reward margin (chosen - rejected, β·log-ratio)", (("reward_margin", "train"),)),
+    ("answer log-probs (summed over answer tokens)",
+     (("logps_chosen", "chosen"), ("logps_rejected", "rejected"), ("logps_desirable", "desirable"),
+      ("logps_undesirable", "undesirable"))),
+    ("KTO reference point z0 (kl)", (("kl", "train"),)),
+)  # fmt: skip
+
+
+def preference_series(records: list[dict]) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """The preference panels of loss.png that have data: (title, {legend label: [(step, value)]}), each key
+    drawn for training ("train" / its name) and for held-out evaluations ("held-out ...", from eval_<key>)."""
+    out = []
+    for title, keys in _PANELS:
+        series = {}
+        for key, label in keys:
+            held_out = "held-out" if label == "train" else f"held-out {label}"
+            for k, name in ((key, label), (f"eval_{key}", held_out)):
+                points = [(r["step"], r[k]) for r in records if _finite(r.get(k))]
+                if points:
+                    series[name] = points
+        if series:
+            out.append((title, series))
+    return out
 
 
 def _finite(x: Any) -> bool:

@@ -7,6 +7,14 @@ An optimizer step's loss is Σ s / Σ units over all its micro-batches and proce
 for every pair (DPO, ORPO) or row (KTO): the mean per-example loss over the step, as TRL's mean over a batch.
 `metrics` are sums over the micro-batch's examples, divided by the same count by the loop.
 
+KTO's reference point z0 is one number per optimizer step (`step_options`, before the step's micro-batches):
+the mean over all the step's rows, on every process, of log π(y'|x) - log π_ref(y'|x) on mismatched pairs
+(prompt i with the answer of row i - 1 of the same micro-batch, TRL's rotation), clamped at 0, detached. With
+one micro-batch per step this is TRL's KTOTrainer exactly (its per-process means averaged over processes, equal
+batch sizes); under gradient accumulation TRL takes a z0 per micro-batch, lorakit one per step, so that the
+update does not depend on how a step's micro-batches are spread over processes and accumulation (as for
+every other mode; the mismatched pairs, built within a micro-batch, still depend on the micro-batch size).
+
 The reference log-probs are the same model's under `lorakit.disable_adapters` (no second model), computed
 without gradients, or precomputed once (`precompute_ref`). Chosen and rejected go through one forward (the
 batch is [chosen; rejected], right-padded), which is exact: attention masks keep rows independent.
@@ -14,6 +22,7 @@ batch is [chosen; rejected], right-padded), which is exact: attention masks keep
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +31,7 @@ from torch import Tensor
 from ...adapters import disable_adapters
 from ...data.preference import MODES, collate_kto, collate_pairs
 from ...losses import why_not_chunked
+from .. import distributed
 from .losses import dpo_loss, kto_kl, kto_loss, orpo_loss
 
 IGNORE = -100
@@ -83,12 +93,18 @@ class PreferenceObjective:
     def tokens(self, example) -> int:
         return example.n_tokens
 
-    def micro_loss(self, model, examples: list, pad_id: int) -> tuple[Tensor, int, dict[str, float]]:
-        """(Σ per-example losses (0-dim, differentiable), len(examples), metric sums)."""
+    def micro_loss(
+        self, model, examples: list, pad_id: int, kl: float | None = None
+    ) -> tuple[Tensor, int, dict[str, float]]:
+        """(Σ per-example losses (0-dim, differentiable), len(examples), metric sums).
+
+        kl: KTO's z0 for this micro-batch (the step's, from `step_options`); None: estimated from this
+            micro-batch alone (TRL's definition for one batch; evaluation).
+        """
         device = next(p.device for p in model.parameters())
         if self.mode == "kto":
             batch = {k: v.to(device) for k, v in collate_kto(examples, pad_id).items()}
-            losses, metrics = self._kto(model, batch)
+            losses, metrics = self._kto(model, batch, kl)
         else:
             batch = {k: v.to(device) for k, v in collate_pairs(examples, pad_id).items()}
             losses, metrics = self._pairs(model, batch)
@@ -116,17 +132,43 @@ class PreferenceObjective:
         }
         return losses, metrics
 
-    def _kto(self, model, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        kl_args = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
+    def step_options(self, engine, micros: list[list], pad_id: int, ctx) -> dict[str, float]:
+        """What every micro-batch of one optimizer step shares: {"kl": z0} for KTO (see the module docstring;
+        no-gradient forwards of the mismatched pairs, policy and reference, through `engine`, and one
+        all-reduce over the processes), {} for the paired modes. Every process must call it."""
+        if self.mode != "kto":
+            return {}
+        total, rows = 0.0, 0
+        with torch.no_grad():
+            for micro in micros:
+                total += float(engine.run(functools.partial(self.kl_sum, examples=micro, pad_id=pad_id)))
+                rows += len(micro)
+        device = next(p.device for p in engine.model.parameters())
+        total, rows = distributed.sum_scalar(ctx, total, device), distributed.sum_scalar(ctx, rows, device)
+        return {"kl": max(0.0, total / max(rows, 1))}
+
+    def kl_sum(self, model, examples: list, pad_id: int) -> Tensor:
+        """Σ over the micro-batch of log π(y'|x) - log π_ref(y'|x) on its mismatched pairs (0-dim float64)."""
+        device = next(p.device for p in model.parameters())
+        b = collate_kto(examples, pad_id)
+        kl_args = tuple(b[k].to(device) for k in ("kl_input_ids", "kl_attention_mask", "kl_labels"))
         with torch.no_grad():
             kl_logps = sequence_logps(model, *kl_args)[0]
-        ref_kl = reference_logps(model, *kl_args)
+        return (kl_logps - reference_logps(model, *kl_args)).double().sum()
+
+    def _kto(self, model, batch: dict, kl: float | None = None) -> tuple[Tensor, dict[str, float]]:
+        logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if kl is None:
+            kl_args = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
+            with torch.no_grad():
+                kl_logps = sequence_logps(model, *kl_args)[0]
+            kl = kto_kl(kl_logps, reference_logps(model, *kl_args))
+        else:
+            kl = torch.tensor(kl, dtype=torch.float32, device=logps.device)
         if "ref" in batch:
             ref = batch["ref"]
         else:
             ref = reference_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        kl = kto_kl(kl_logps, ref_kl)
         desirable = batch["label"]
         losses, rewards = kto_loss(
             logps, ref, desirable, kl, self.beta, self.desirable_weight, self.undesirable_weight

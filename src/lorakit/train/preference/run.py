@@ -31,9 +31,9 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     from lorakit.data.preference import load_preference
     from lorakit.models import is_quantized
 
+    from .. import tracking
     from ..loop import _pad_id, _say, _seed, fit
-    from ..metrics import plot_loss
-    from ..prepare import prepare, save_prepared
+    from ..prepare import prepare, save_prepared, use_chat_template
 
     if cfg.data is None:
         raise ValueError(
@@ -43,8 +43,12 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
         )
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
+    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    if done is not None:  # as SFT: --resume of a finished run does nothing
+        return _already_finished(output, done, ctx, say)
     _seed(cfg.seed)
     prepared = prepare(cfg)
+    use_chat_template(prepared, cfg.chat_template)  # --chat-template, as in SFT
     model, tokenizer = prepared.model, prepared.tokenizer
     if not is_quantized(model):
         model.to(ctx.device)
@@ -72,29 +76,55 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
         precompute_reference(model, train.examples, cfg.batch_size, pad_id)
         say(f"reference log-probs precomputed for {len(train.examples)} rows (adapter disabled)")
 
+    if ctx.is_main:
+        tracking.start(cfg, output)  # --report-to
     fitted = fit(
         model, train.examples, cfg, pad_id=pad_id,
         eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
     )  # fmt: skip
 
     results: dict[str, Any] = {}
+    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
+    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
+        with engine.evaluating() as m:
+            after = evaluate(m, held_out.examples)
+    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
+        if ctx.is_main:
+            save_prepared(prepared, output)
     if ctx.is_main:
-        after = evaluate(model, held_out.examples) if held_out is not None else None
         if after is not None:
             say(f"after:  {format_metrics(after)}")
-        save_prepared(prepared, output)
-        replace(cfg, resume=False).save(output / "train_config.yaml")
         results = {
             "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
             "steps": fitted.steps, "train_seconds": round(fitted.seconds, 3),
             "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
         }  # fmt: skip
-        write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-        plot_loss(output / "metrics.jsonl", output / "loss.png")
-        checkpoint.remove(output)
+        _write_records(cfg, output, results)
         say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
     distributed.barrier(ctx)
     return results
+
+
+def _already_finished(output: Path, done: dict[str, Any], ctx: distributed.Context, say) -> dict[str, Any]:
+    if ctx.is_main:
+        checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
+    say(
+        f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
+    )
+    return done
+
+
+def _write_records(cfg: TrainConfig, output: Path, results: dict[str, Any]) -> None:
+    """train_config.yaml, results.json (which marks the run finished), the trackers' finals, loss.png; then
+    the checkpoints go (rank 0, after the adapter is saved)."""
+    from .. import tracking
+    from ..metrics import plot_loss
+
+    replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
+    write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+    tracking.finish(results)
+    plot_loss(output / "metrics.jsonl", output / "loss.png", before=(results["before"] or {}).get("loss"))
+    checkpoint.remove(output)
 
 
 @torch.no_grad()
