@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from lorakit.train import TrainConfig, checkpoint, loop, run
+from lorakit.train import TrainConfig, checkpoint, loop, run, scaffold
 from test_train_run import write_rows
 
 
@@ -92,7 +92,7 @@ def test_kill_after_the_adapter_save_resumes_without_retraining(tmp_path, base_d
     def killed(path, data):
         raise KeyboardInterrupt  # a kill after the adapter was saved, before results.json
 
-    monkeypatch.setattr(loop, "_write_json", killed)
+    monkeypatch.setattr(scaffold, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(tmp_path, base_dir))
     monkeypatch.undo()

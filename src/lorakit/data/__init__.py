@@ -6,7 +6,7 @@
 Formats (detected from a file's first row; see formats.py): "messages" (chat), "prompt"/"completion", "text".
 """
 
-from .dataset import Dataset, collate, load_dataset
+from .dataset import Dataset, collate, load_dataset, pad_id_of
 from .demo import DEMO_DEFAULTS, demo_paths
 from .formats import Example
 from .rows import DataError, read_rows
@@ -19,5 +19,6 @@ __all__ = [
     "collate",
     "demo_paths",
     "load_dataset",
+    "pad_id_of",
     "read_rows",
 ]

@@ -146,6 +146,14 @@ def _check_mode(fmt: str, mode: str, where: str) -> None:
         )
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids (pads = pad_id), attention_mask (1 on tokens), labels (-100 on pads).
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import Dataset, collate
+from ..data import Dataset, collate, pad_id_of
 from ..data.formats import render
 from ..losses import causal_lm_loss
 from .metrics import RowProgress
@@ -86,7 +86,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        pad_id = _pad_id(tokenizer)
+        pad_id = pad_id_of(tokenizer)
         loss, count = heldout_loss(model, dataset.examples, batch_size, pad_id, LOSS_CHUNK)
         result = {
             "loss": loss,
@@ -141,7 +141,7 @@ def generate_answers(
             range(len(ids)), key=lambda i: len(ids[i])
         )  # similar lengths share a batch: less padding
         out: list[str] = [""] * len(ids)
-        device, pad_id, eos = _device(model), _pad_id(tokenizer), _eos_ids(model, tokenizer)
+        device, pad_id, eos = _device(model), pad_id_of(tokenizer), _eos_ids(model, tokenizer)
         bar = RowProgress(len(order), "exact match: generating", progress) if progress is not None else None
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -193,13 +193,6 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -18,26 +18,22 @@ never moves a row to another step.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 
-from ..atomic import write_text
-from ..data import collate
+from ..data import collate, pad_id_of
 from ..losses import causal_lm_loss
-from . import checkpoint, distributed, optim, packing, tracking
+from . import checkpoint, distributed, optim, packing, scaffold, tracking
 from .compile import compiled
 from .config import TrainConfig
 from .evaluate import heldout_loss, perplexity
-from .metrics import MetricsLog, Progress, plot_loss
+from .metrics import MetricsLog, Progress
 from .preference.objective import MODES as PREFERENCE_MODES
 from .preference.objective import objective_for
 from .run_defaults import common_system
@@ -77,58 +73,24 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str, Any]:
     from lorakit import adapters
-    from lorakit.data import demo_paths, load_dataset
-    from lorakit.models import is_quantized
 
-    from .evaluate import describe_dataset, evaluate
-    from .prepare import prepare, save_prepared, use_chat_template
+    from .evaluate import evaluate
+    from .prepare import save_prepared
 
     if cfg.mode in PREFERENCE_MODES:  # dpo / orpo / kto: their own data and metrics, this file's fit
         from .preference.run import run_preference
 
         return run_preference(cfg, ctx, stream)
-    say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
-    output = Path(cfg.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(
-            f"--output {output} exists and is not a directory; expected a directory (or a new path)"
-        )
-    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    say = scaffold.sayer(stream, ctx)
+    done = scaffold.finished_run(cfg, ctx, say)
     if done is not None:
-        if ctx.is_main:
-            checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
-        say(
-            f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
-        )
         return done
-    _seed(cfg.seed)
 
     # 1. The model with a fresh adapter, and the data tokenized by its tokenizer.
-    prepared = prepare(cfg)
+    prepared = scaffold.prepare_model(cfg, ctx, say)
     model, tokenizer = prepared.model, prepared.tokenizer
-    use_chat_template(prepared, cfg.chat_template)
-    if not is_quantized(model):
-        model.to(ctx.device)
-    train_path, eval_path = cfg.data, cfg.eval_data
-    if train_path is None:
-        train_path, demo_eval = demo_paths()
-        eval_path = eval_path or demo_eval
-    load = functools.partial(
-        load_dataset, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows,
-        truncate=cfg.truncate,
-    )  # fmt: skip
-    train = load(train_path)
-    # Held-out rows without a system prompt get the one every training row shared, as `lorakit eval` of the
-    # saved adapter gives them (run_defaults), so both report the same numbers.
-    held_out = load(eval_path, system=common_system(train.rows, train.format)) if eval_path else None
-    if cfg.init == "eva":
-        from .eva_init import reinit_with_eva
-
-        reinit_with_eva(prepared, train.examples, cfg.batch_size, _pad_id(tokenizer), say)
+    train, held_out, eval_path = _load_data(cfg, prepared, say)
     counts = adapters.trainable_parameters(model)
-    for note in prepared.notes:
-        say(note)
-    say(f"data {train_path}: {describe_dataset(train)}" + _skipped(train))
 
     # 2. Held-out metrics before training (the adapter starts as the identity: B = 0).
     before = None
@@ -143,9 +105,9 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     # 3. Train (records also go to the --report-to trackers).
     if ctx.is_main:
-        tracking.start(cfg, output)
+        tracking.start(cfg, Path(cfg.output))
     fitted = fit(
-        model, train.examples, cfg, pad_id=_pad_id(tokenizer),
+        model, train.examples, cfg, pad_id=pad_id_of(tokenizer),
         eval_examples=held_out.examples if held_out is not None else None, ctx=ctx, stream=stream,
     )  # fmt: skip
 
@@ -157,30 +119,41 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
             after = evaluate(m, tokenizer, held_out)
     with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
         if ctx.is_main:
-            save_prepared(prepared, output)
+            save_prepared(prepared, Path(cfg.output))
     if ctx.is_main:
         if after is not None:
             say(f"after:  {_fmt(after)}")
-        _save_system_prompt(train, output)
-        replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
-        results = {
-            "before": before,
-            "after": after,
-            "trainable_params": counts.trainable,
-            "total_params": counts.total,
-            "steps": fitted.steps,
-            "train_seconds": round(fitted.seconds, 3),
-            "tokens_per_second": round(fitted.tokens_per_second, 1),
-            "packing": fitted.packing,
-            "config": cfg.to_dict(),
-        }
-        _write_json(output / "results.json", results)
-        tracking.finish(results)
-        plot_loss(output / "metrics.jsonl", output / "loss.png", before=(before or {}).get("loss"))
-        checkpoint.remove(output)
-        say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
+        results = scaffold.results_of(cfg, counts, fitted, before, after, packing=fitted.packing)
+        scaffold.write_records(cfg, results, say, train=train)
     distributed.barrier(ctx)
     return results
+
+
+def _load_data(cfg: TrainConfig, prepared, say):
+    """(train Dataset, held-out Dataset or None, held-out path) tokenized by the prepared tokenizer; the
+    embedded demo when --data is not given; `--init eva` re-makes the adapter from the training rows."""
+    from lorakit.data import demo_paths, load_dataset
+
+    from .evaluate import describe_dataset
+
+    train_path, eval_path = cfg.data, cfg.eval_data
+    if train_path is None:
+        train_path, demo_eval = demo_paths()
+        eval_path = eval_path or demo_eval
+    load = functools.partial(
+        load_dataset, tokenizer=prepared.tokenizer, mode=cfg.mode, max_len=cfg.max_len,
+        skip_bad_rows=cfg.skip_bad_rows, truncate=cfg.truncate,
+    )  # fmt: skip
+    train = load(train_path)
+    # Held-out rows without a system prompt get the one every training row shared, as `lorakit eval` of the
+    # saved adapter gives them (run_defaults), so both report the same numbers.
+    held_out = load(eval_path, system=common_system(train.rows, train.format)) if eval_path else None
+    if cfg.init == "eva":
+        from .eva_init import reinit_with_eva
+
+        reinit_with_eva(prepared, train.examples, cfg.batch_size, pad_id_of(prepared.tokenizer), say)
+    say(f"data {train_path}: {describe_dataset(train)}" + _skipped(train))
+    return train, held_out, eval_path
 
 
 @dataclass
@@ -214,7 +187,7 @@ def fit(
     """
     ctx = ctx or distributed.Context()
     stream = stream or sys.stderr
-    say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
+    say = scaffold.sayer(stream, ctx)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
@@ -528,32 +501,6 @@ def _loss_tokens(example) -> int:
     return sum(1 for t in example.labels[1:] if t != -100)
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else (tokenizer.eos_token_id or 0)
-
-
-def _save_system_prompt(train, output: Path) -> None:
-    """`system_prompt.txt` beside the adapter when every training row shares one (generate uses it)."""
-    from .run_defaults import SYSTEM_NAME, common_system
-
-    system = common_system(train.rows, train.format)
-    if system is not None:
-        write_text(output / SYSTEM_NAME, system)
-    else:
-        (output / SYSTEM_NAME).unlink(missing_ok=True)  # an overwritten run's prompt is not this run's
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def _fmt(metrics: dict) -> str:
     parts = [f"loss {metrics['loss']:.4f}", f"perplexity {metrics['perplexity']:.2f}"]
     if metrics.get("exact_match") is not None:
@@ -565,8 +512,3 @@ def _skipped(dataset) -> str:
     cut = getattr(dataset, "truncated", 0)
     truncated = f", {cut} rows longer than --max-len truncated to it" if cut else ""
     return (f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else "") + truncated
-
-
-def _say(stream: TextIO, text: str) -> None:
-    stream.write(text + "\n")
-    stream.flush()

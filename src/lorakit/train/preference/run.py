@@ -8,15 +8,13 @@ differs: the rows (data/preference.py), the micro-batch loss (objective.py) and 
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from ...atomic import write_text
-from .. import checkpoint, distributed
+from ...data import pad_id_of
+from .. import distributed, scaffold, tracking
 from ..config import TrainConfig
 from .objective import objective_for, precompute_reference, sequence_logps
 
@@ -29,11 +27,9 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     """
     from lorakit import adapters
     from lorakit.data.preference import load_preference
-    from lorakit.models import is_quantized
 
-    from .. import tracking
-    from ..loop import _pad_id, _say, _seed, fit
-    from ..prepare import prepare, save_prepared, use_chat_template
+    from ..loop import fit
+    from ..prepare import save_prepared
 
     if cfg.data is None:
         raise ValueError(
@@ -41,32 +37,22 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
             "the embedded demo is SFT data. A shipped example: --data src/lorakit/data/dpo_demo/train.jsonl "
             "(scripts/make_dpo_demo_data.py)"
         )
-    say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
-    output = Path(cfg.output)
-    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    say = scaffold.sayer(stream, ctx)
+    done = scaffold.finished_run(cfg, ctx, say)
     if done is not None:  # as SFT: --resume of a finished run does nothing
-        return _already_finished(output, done, ctx, say)
-    _seed(cfg.seed)
-    prepared = prepare(cfg)
-    use_chat_template(prepared, cfg.chat_template)  # --chat-template, as in SFT
+        return done
+    prepared = scaffold.prepare_model(cfg, ctx, say)
     model, tokenizer = prepared.model, prepared.tokenizer
-    if not is_quantized(model):
-        model.to(ctx.device)
+    output = Path(cfg.output)
     load = functools.partial(
-        load_preference,
-        tokenizer=tokenizer,
-        mode=cfg.mode,
-        max_len=cfg.max_len,
-        skip_bad_rows=cfg.skip_bad_rows,
-    )
+        load_preference, tokenizer=tokenizer, mode=cfg.mode, max_len=cfg.max_len, skip_bad_rows=cfg.skip_bad_rows
+    )  # fmt: skip
     train = load(cfg.data)
     held_out = load(cfg.eval_data) if cfg.eval_data else None
     counts = adapters.trainable_parameters(model)
-    for note in prepared.notes:
-        say(note)
     skipped = f", {train.skipped} bad rows skipped" if train.skipped else ""
     say(f"data {cfg.data}: {len(train.examples)} rows of {train.format} ({cfg.mode}){skipped}")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
 
     evaluate = functools.partial(evaluate_preference, cfg=cfg, tokenizer=tokenizer, pad_id=pad_id)
     before = evaluate(model, held_out.examples) if held_out is not None and ctx.is_main else None
@@ -94,37 +80,10 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     if ctx.is_main:
         if after is not None:
             say(f"after:  {format_metrics(after)}")
-        results = {
-            "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
-            "steps": fitted.steps, "train_seconds": round(fitted.seconds, 3),
-            "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
-        }  # fmt: skip
-        _write_records(cfg, output, results)
-        say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
+        results = scaffold.results_of(cfg, counts, fitted, before, after)
+        scaffold.write_records(cfg, results, say)
     distributed.barrier(ctx)
     return results
-
-
-def _already_finished(output: Path, done: dict[str, Any], ctx: distributed.Context, say) -> dict[str, Any]:
-    if ctx.is_main:
-        checkpoint.remove(output)  # a kill after results.json may have left the last checkpoint
-    say(
-        f"--resume: the run in {output} already finished ({done.get('steps')} steps, results.json); nothing to do"
-    )
-    return done
-
-
-def _write_records(cfg: TrainConfig, output: Path, results: dict[str, Any]) -> None:
-    """train_config.yaml, results.json (which marks the run finished), the trackers' finals, loss.png; then
-    the checkpoints go (rank 0, after the adapter is saved)."""
-    from .. import tracking
-    from ..metrics import plot_loss
-
-    replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
-    write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-    tracking.finish(results)
-    plot_loss(output / "metrics.jsonl", output / "loss.png", before=(results["before"] or {}).get("loss"))
-    checkpoint.remove(output)
 
 
 @torch.no_grad()
