@@ -12,7 +12,7 @@ from typing import Any
 
 from ..textfile import read_utf8
 
-MODES = ("sft", "cpt", "dpo", "orpo", "kto")
+MODES = ("sft", "cpt", "dpo", "orpo", "kto", "grpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 QUANTIZE = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
@@ -61,6 +61,10 @@ class TrainConfig:
             "mlp.experts.gate_up_proj,mlp.experts.down_proj" (lorakit.param_lora).
         distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
             "fsdp" (FSDP2: the base sharded across processes; without torchrun, FSDP over one process).
+        reward: grpo: reward specs (`lorakit.train.preference.rewards.load_rewards`): "exact", "exact:FIELD",
+            "regex:PATTERN", "module:function" or "path/to/file.py:function"; their scores are summed.
+        num_generations: grpo: completions sampled per prompt (the group; `batch_size` counts prompts).
+        temperature / max_new_tokens: grpo: the rollouts' sampling temperature and length limit.
     """
 
     model: str = "default"
@@ -112,6 +116,11 @@ class TrainConfig:
     init: str = "default"
     distributed: str = "ddp"
     target_parameters: str | list[str] | None = None
+    # grpo (issue 13): reward functions and rollouts (beta is the KL weight; 0: no reference forward)
+    reward: str | list[str] | None = None
+    num_generations: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,9 +171,12 @@ class TrainConfig:
         if self.loss_type not in LOSS_TYPES:
             raise bad("loss_type", f"one of {LOSS_TYPES}")
         for name in ("beta", "desirable_weight", "undesirable_weight"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "a positive number")
+            if not getattr(self, name) > 0 and not (
+                name == "beta" and self.mode == "grpo" and self.beta == 0
+            ):
+                raise bad(name, "a positive number" + (" or 0 (no KL term)" if self.mode == "grpo" else ""))
         self._validate_everyday(bad)
+        self._validate_grpo(bad)
 
     def _validate_everyday(self, bad) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -190,6 +202,30 @@ class TrainConfig:
             )
         if not isinstance(self.device, str) or not self.device:
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def _validate_grpo(self, bad) -> None:
+        if self.reward is not None and not (
+            isinstance(self.reward, str)
+            or (isinstance(self.reward, list) and all(isinstance(r, str) for r in self.reward))
+        ):
+            raise bad("reward", "a reward spec or a list of them")
+        for name, low in (("num_generations", 2), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(
+                    name, f"an integer >= {low}" + (" (a group needs 2 to compare)" if low == 2 else "")
+                )
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 2:
+            raise bad("temperature", "a number in (0, 2] (0 would sample every completion of a group alike)")
+        if self.mode == "grpo" and not self.rewards():
+            raise ValueError(
+                "--mode grpo needs at least one --reward (e.g. --reward exact, --reward module:function)"
+            )
+
+    def rewards(self) -> list[str]:
+        """The reward specs `reward` names, in order."""
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward or [])
 
     def trackers(self) -> list[str]:
         """The experiment trackers `report_to` names, in order ("none" / empty: none)."""

@@ -86,6 +86,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         from .preference.run import run_preference
 
         return run_preference(cfg, ctx, stream)
+    if cfg.mode == "grpo":  # rollouts from the live adapter, reward functions (preference/grpo_run.py)
+        from .preference.grpo_run import run_grpo
+
+        return run_grpo(cfg, ctx, stream)
     say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
@@ -194,11 +198,13 @@ def fit(
     eval_examples: list | None = None,
     ctx: distributed.Context | None = None,
     stream: TextIO | None = None,
+    objective=None,
 ) -> Fitted:
     """Train the trainable parameters of `model` on `examples` (objects with `input_ids` and `labels`).
 
     Checkpoints, metrics.jsonl and the resume state live in `cfg.output`. Ctrl-C / SIGTERM stop after the
-    current step with a checkpoint (then KeyboardInterrupt is raised).
+    current step with a checkpoint (then KeyboardInterrupt is raised). `objective`: the micro-batch loss
+    (GRPO's, built with its reward functions and engine); None: the one `cfg.mode` implies.
 
     Raises:
         ValueError: no trainable parameters, no examples, a checkpoint that does not fit the options, or
@@ -213,7 +219,7 @@ def fit(
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
         raise ValueError("no training examples")
-    session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say)
+    session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say, objective)
     # Preference objectives batch their own (paired) rows: packing is for token-level losses. The probe runs
     # the plain model, before DDP wraps it; under FSDP the base is sharded and every micro-batch is padded.
     if cfg.distributed == "fsdp" and session.objective is None:
@@ -282,7 +288,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
 class _Run:
     """The state of one `fit`: its shape, the optimizer, the step counters, and the step's pieces."""
 
-    def __init__(self, model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say):
+    def __init__(self, model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say, objective=None):
         self.model, self.examples, self.cfg, self.ctx = model, examples, cfg, ctx
         self.params, self.plist = params, list(params.values())
         self.pad_id, self.eval_examples, self.stream, self.say = pad_id, eval_examples, stream, say
@@ -295,7 +301,7 @@ class _Run:
         self.warmup = round(cfg.warmup * self.total)
         # The micro-batch loss: token-level (sft, cpt) or a preference objective (dpo, orpo, kto; its units are
         # pairs or rows, so the step's loss is the mean over them).
-        self.objective = objective_for(cfg)
+        self.objective = objective if objective is not None else objective_for(cfg)
         obj = self.objective
         self.loss_tokens = [obj.units(ex) if obj else _loss_tokens(ex) for ex in examples]
         self.row_tokens = [obj.tokens(ex) if obj else len(ex.input_ids) for ex in examples]
@@ -451,7 +457,8 @@ class _Run:
                     )
             if ctx.is_main:
                 self.log.write({"step": done, **ev})
-                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}")
+                shown = self.objective.describe(ev) if hasattr(self.objective, "describe") else None
+                self.progress.message(f"step {done}: " + (shown or f"eval loss {ev['eval_loss']:.4f}"))
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
             self.save_checkpoint(done)
         if distributed.any_flag(ctx, stop, self.device):

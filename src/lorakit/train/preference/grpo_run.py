@@ -1,0 +1,138 @@
+"""`lorakit train --mode grpo --reward SPEC`: prompt rows, rollouts from the live adapter, the shared fit.
+
+The steps of a preference run (run.py): prepare the model and adapter, read the data, evaluate, `fit`, evaluate
+again, write the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png. What differs: the rows
+are prompts (data/prompts.py), the reward functions (rewards.py), the rollout engine (rollout.py, started
+once for the run over the training model) and the loss (grpo.py). Held-out metrics are those of greedy
+completions: the mean reward of each function and the exact match of the final answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from ...atomic import write_text
+from .. import checkpoint, distributed
+from ..config import TrainConfig
+from .grpo import GrpoObjective
+from .rewards import completion_text, load_rewards
+from .rollout import LiveEngine
+
+SHIPPED = "src/lorakit/data/grpo_demo/train.jsonl"
+
+
+def run_grpo(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str, Any]:
+    """Train `--mode grpo`; see `lorakit.train.loop.run` for what is written and returned.
+
+    Raises:
+        ValueError: no --data, --distributed fsdp, bad options or data. RewardError: a bad --reward.
+    """
+    from lorakit import adapters
+    from lorakit.data.prompts import load_prompts
+    from lorakit.models import is_quantized
+
+    from ..loop import _pad_id, _say, _seed, fit
+    from ..metrics import plot_loss
+    from ..prepare import prepare, save_prepared, use_chat_template
+
+    if cfg.data is None:
+        raise ValueError(
+            f"--mode grpo needs --data: a file of prompt rows with the fields the rewards read (see "
+            f"`lorakit.data.prompts`); a shipped example: --data {SHIPPED} --reward exact"
+        )
+    if cfg.distributed == "fsdp" and ctx.world > 1:
+        raise ValueError("--mode grpo with --distributed fsdp is not supported: the rollout engine needs the "
+                         "whole model on each process (use ddp)")  # fmt: skip
+    rewards = load_rewards(cfg.rewards())  # before the model loads: a bad spec fails at once
+    say = functools.partial(_say, stream) if ctx.is_main else (lambda *a: None)
+    output = Path(cfg.output)
+    done = checkpoint.finished(output, cfg.to_dict()) if cfg.resume else None
+    if done is not None:
+        say(f"--resume: the run in {output} already finished ({done.get('steps')} steps); nothing to do")
+        return done
+    _seed(cfg.seed)
+    prepared = prepare(cfg)
+    use_chat_template(prepared, cfg.chat_template)
+    model, tokenizer = prepared.model, prepared.tokenizer
+    if not is_quantized(model):
+        model.to(ctx.device)
+    load = functools.partial(
+        load_prompts, tokenizer=tokenizer, max_len=cfg.max_len, max_new_tokens=cfg.max_new_tokens,
+        required=tuple(r.field for r in rewards if r.field), skip_bad_rows=cfg.skip_bad_rows,
+    )  # fmt: skip
+    train = load(cfg.data)
+    held_out = load(cfg.eval_data) if cfg.eval_data else None
+    counts = adapters.trainable_parameters(model)
+    for note in prepared.notes:
+        say(note)
+    skipped = f", {train.skipped} bad rows skipped" if train.skipped else ""
+    say(f"data {cfg.data}: {len(train.examples)} prompts ({train.format}){skipped}; rewards: "
+        f"{', '.join(r.spec for r in rewards)}; {cfg.num_generations} completions each")  # fmt: skip
+    pad_id = _pad_id(tokenizer)
+    engine = LiveEngine(model, tokenizer, max_batch=cfg.batch_size * cfg.num_generations).start()
+    try:
+        objective = GrpoObjective(
+            rewards, engine, cfg.num_generations, cfg.temperature, cfg.max_new_tokens, cfg.beta,
+            next((r.field for r in rewards if r.field), "answer"),
+        )  # fmt: skip
+        evaluate = functools.partial(evaluate_grpo, objective=objective, batch_size=cfg.batch_size)
+        before = evaluate(held_out.examples) if held_out is not None and ctx.is_main else None
+        if before is not None:
+            say(f"before: {format_metrics(before)}  ({cfg.eval_data}, {len(held_out.examples)} rows, greedy)")
+        fitted = fit(
+            model, train.examples, cfg, pad_id=pad_id, ctx=ctx, stream=stream, objective=objective,
+            eval_examples=held_out.examples if held_out is not None else None,
+        )  # fmt: skip
+        after = evaluate(held_out.examples) if held_out is not None and ctx.is_main else None
+    finally:
+        engine.stop()
+    results: dict[str, Any] = {}
+    if ctx.is_main:
+        if after is not None:
+            say(f"after:  {format_metrics(after)}")
+        save_prepared(prepared, output)
+        replace(cfg, resume=False, overwrite=False).save(output / "train_config.yaml")
+        results = {
+            "before": before, "after": after, "trainable_params": counts.trainable, "total_params": counts.total,
+            "steps": fitted.steps, "train_seconds": round(fitted.seconds, 3),
+            "tokens_per_second": round(fitted.tokens_per_second, 1), "config": cfg.to_dict(),
+        }  # fmt: skip
+        write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+        plot_loss(output / "metrics.jsonl", output / "loss.png")
+        checkpoint.remove(output)
+        say(f"saved the adapter, train_config.yaml, results.json, metrics.jsonl and loss.png in {output}")
+    distributed.barrier(ctx)
+    return results
+
+
+def evaluate_grpo(examples: list, *, objective: GrpoObjective, batch_size: int) -> dict[str, Any]:
+    """Held-out metrics of greedy completions: reward (the sum over the functions), reward_<name>,
+    exact_match (when the rows have the reference field), completion_length (means), n, and 3 samples."""
+    metrics: dict[str, Any] = {
+        k.removeprefix("eval_"): v for k, v in objective.evaluate(None, examples, batch_size, 0).items()
+    }
+    metrics.setdefault("exact_match", None)
+    metrics["n"] = len(examples)
+    shown = examples[:3]
+    metrics["samples"] = [
+        {
+            "prompt": ex.prompt,
+            "reference": ex.fields.get(objective.answer_field),
+            "generated": completion_text(r.text),
+        }
+        for ex, r in zip(shown, objective.rollouts(shown, 1, 0.0))
+    ]
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    parts = [f"reward {m['reward']:.3f}"]
+    parts += [f"{k.removeprefix('reward_')} {v:.3f}" for k, v in m.items() if k.startswith("reward_")]
+    if m.get("exact_match") is not None:
+        parts.append(f"exact match {m['exact_match']:.1%}")
+    parts.append(f"length {m['completion_length']:.1f}")
+    return "  ".join(parts)
