@@ -44,7 +44,7 @@ def run_grpo(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict
             f"--mode grpo needs --data: a file of prompt rows with the fields the rewards read (see "
             f"`lorakit.data.prompts`); a shipped example: --data {SHIPPED} --reward exact"
         )
-    if cfg.distributed == "fsdp" and ctx.world > 1:
+    if cfg.distributed == "fsdp":
         raise ValueError("--mode grpo with --distributed fsdp is not supported: the rollout engine needs the "
                          "whole model on each process (use ddp)")  # fmt: skip
     rewards = load_rewards(cfg.rewards())  # before the model loads: a bad spec fails at once
