@@ -143,7 +143,8 @@ class GrpoObjective:
     @torch.no_grad()
     def evaluate(self, model, examples: list, batch_size: int, pad_id: int) -> dict[str, float]:
         """eval_reward, eval_reward_<name>, eval_exact_match, eval_completion_length: means over `examples` of
-        their greedy completions (one each), sampled by the engine like the rollouts."""
+        their greedy completions (one each), sampled by the engine like the rollouts. `model` and `pad_id`
+        are the objective interface's; the engine holds the model (under DDP, this process's)."""
         totals: dict[str, float] = {}
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
