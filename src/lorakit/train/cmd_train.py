@@ -96,6 +96,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-generations", type=int, help="completions sampled per prompt (the group)")
     g.add_argument("--temperature", type=float, help="the rollouts' sampling temperature")
     g.add_argument("--max-new-tokens", type=int, help="the longest completion, in tokens")
+    g.add_argument(
+        "--grpo-iterations", type=int, metavar="MU", help="optimizer updates per rollout batch (default 1)"
+    )
+    g.add_argument("--epsilon", type=float, help="clip the ratio to [1 - epsilon, 1 + epsilon] (default 0.2)")
+    g.add_argument("--epsilon-high", type=float, help="the clip's upper epsilon (default: --epsilon)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")

@@ -6,6 +6,7 @@ The resolved config is saved beside the adapter (`train_config.yaml`), so a run 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class TrainConfig:
             "regex:PATTERN", "module:function" or "path/to/file.py:function"; their scores are summed.
         num_generations: grpo: completions sampled per prompt (the group; `batch_size` counts prompts).
         temperature / max_new_tokens: grpo: the rollouts' sampling temperature and length limit.
+        grpo_iterations: grpo: μ, optimizer updates per rollout batch (TRL's num_iterations; one lorakit step).
+        epsilon / epsilon_high: grpo: the ratio's clip range [1 - epsilon, 1 + epsilon_high] (None: epsilon).
     """
 
     model: str = "default"
@@ -121,6 +124,9 @@ class TrainConfig:
     num_generations: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 64
+    grpo_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -215,6 +221,15 @@ class TrainConfig:
                 raise bad(
                     name, f"an integer >= {low}" + (" (a group needs 2 to compare)" if low == 2 else "")
                 )
+        mu = self.grpo_iterations
+        if isinstance(mu, bool) or not isinstance(mu, int) or mu < 1:
+            raise bad("grpo_iterations", "an integer >= 1 (optimizer updates per rollout batch)")
+        for name in ("epsilon", "epsilon_high"):
+            e = getattr(self, name)
+            if (name == "epsilon" or e is not None) and (
+                isinstance(e, bool) or not isinstance(e, int | float) or not 0 < e < math.inf
+            ):
+                raise bad(name, "a finite number > 0 (the clip range of the ratio)")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 2:
             raise bad("temperature", "a number in (0, 2] (0 would sample every completion of a group alike)")

@@ -381,25 +381,44 @@ class _Run:
     def train_step(self, step: int) -> tuple[float, float, float, int]:
         """Forward + backward of optimizer step `step` over its micro-batches, then clip and update.
 
-        Returns (loss, grad norm, lr, tokens of the step's rows). Raises NonFiniteLoss before the update.
+        An objective with `updates` (GRPO with --grpo-iterations μ > 1) makes one step μ optimizer updates
+        over the same rows; the schedule then counts updates (update j of step s is s·μ + j of total·μ).
+        Returns (loss, grad norm: means over the updates; the first update's lr; tokens of the step's rows).
+        Raises NonFiniteLoss before the update.
         """
         ctx, bs, accum = self.ctx, self.cfg.batch_size, self.cfg.grad_accum
         rows = step_rows(step, len(self.examples), self.global_batch, self.cfg.seed)
         n_loss = max(1, sum(self.loss_tokens[i] for i in rows))
         mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
-        lr = set_lr(self.optimizer, self.cfg, step, self.total, self.warmup)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, float] = {}
-        # Each micro-batch's loss runs inside the engine's wrapper (DDP / FSDP see the forward); gradients
-        # are summed over ranks once, in the last micro-batch's backward.
         if self.objective is not None:
             obj, pad = self.objective, self.pad_id
             micros = [[self.examples[i] for i in mine[m * bs : (m + 1) * bs]] for m in range(accum)]
-            steps = [functools.partial(obj.micro_loss, examples=micro, pad_id=pad) for micro in micros]
+            if hasattr(obj, "updates"):
+                updates = obj.updates(micros, pad)
+            else:
+                updates = [
+                    [functools.partial(obj.micro_loss, examples=micro, pad_id=pad) for micro in micros]
+                ]
         else:
-            steps = [
-                functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)
+            updates = [
+                [functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)]
             ]
+        mu, extra = len(updates), {}
+        done = [self.update(fns, n_loss, step, step * mu + j, mu, extra) for j, fns in enumerate(updates)]
+        self.extra = {
+            k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
+        }
+        loss, norm = sum(d[0] for d in done) / mu, sum(d[1] for d in done) / mu
+        return loss, norm, done[0][2], sum(self.row_tokens[i] for i in rows)
+
+    def update(self, steps: list, n_loss: int, step: int, update: int, mu: int, extra: dict):
+        """One optimizer update (`update` of total·mu) over the micro-batch calls `steps`; adds their metric
+        sums to `extra`. Returns (loss, grad norm, lr)."""
+        ctx = self.ctx
+        lr = set_lr(self.optimizer, self.cfg, update, self.total * mu, self.warmup * mu)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Each micro-batch's loss runs inside the engine's wrapper (DDP / FSDP see the forward); gradients
+        # are summed over ranks once, in the last micro-batch's backward.
         for m, fn in enumerate(steps):
             with self.engine.micro_step(last=m == len(steps) - 1):
                 s, _, *sums = self.engine.run(fn)
@@ -408,9 +427,6 @@ class _Run:
                 extra[k] = extra.get(k, 0.0) + v
             loss_sum += s.detach().double()
         loss = distributed.sum_scalar(ctx, float(loss_sum), self.device) / n_loss
-        self.extra = {
-            k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
-        }
         # Stop before a bad update reaches the weights; clip; step.
         norm = float(torch.nn.utils.clip_grad_norm_(self.plist, self.cfg.max_grad_norm or math.inf))
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -419,7 +435,7 @@ class _Run:
             raise self.non_finite(step, loss, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm, lr, sum(self.row_tokens[i] for i in rows)
+        return loss, norm, lr
 
     def non_finite(self, step: int, loss: float, norm: float) -> NonFiniteLoss:
         kept = checkpoint.latest(self.output)

@@ -17,10 +17,15 @@ Choices against TRL's GRPOTrainer (trl 1.16), which this follows unless said:
   completions (steps_per_generation defaults to the accumulation steps), slices it into the micro-batches and
   reuses it `num_iterations` times. Here each micro-batch samples its own rollouts: no optimizer step happens
   inside an accumulation cycle, so every micro-batch sees the weights TRL's single generation saw.
-- num_iterations is 1 (TRL's default): the loss is on-policy, the old log-probs are the current ones detached
-  (TRL: `old_per_token_logps = per_token_logps.detach()` in that case). The ratio is then exactly 1, so the
-  clip never binds and the gradient is -A·∇log π (+ the KL term); there is no --epsilon and no clip fraction
-  (both only mean something off-policy, with num_iterations > 1, which is not implemented).
+- `iterations` μ (TRL's num_iterations, default 1): with μ = 1 the loss is on-policy, the old log-probs are
+  the current ones detached (TRL: `old_per_token_logps = per_token_logps.detach()`), the ratio is exactly 1
+  and the clip never binds. With μ > 1, `updates` gives the loop μ optimizer updates over one rollout batch:
+  the first samples, scores and keeps it (completions, advantages, reference log-probs) and takes the old
+  log-probs as its own forward's, detached: the policy before any update of the batch (TRL runs a separate
+  no-grad forward for them; the same values when dropout is 0, one forward less). Updates 2..μ replay the
+  kept batch against those old log-probs, so the ratio moves and the clip (ε, ε_high) binds. All μ updates
+  are one lorakit step: a checkpoint falls between rollout batches and never holds a buffer. One lorakit step
+  is μ of TRL's global steps; the lr schedule counts optimizer updates (steps × μ, warmup × μ), as TRL's.
 - loss_type "grpo" (each completion's token mean, then the mean over completions), the paper's; TRL 1.16
   defaults to "dapo" (one mean over all tokens of the batch). Advantages: TRL's scale_rewards="group".
 - `--batch-size` counts prompts (TRL's per_device_train_batch_size counts completions); a group never spans
@@ -31,17 +36,21 @@ Choices against TRL's GRPOTrainer (trl 1.16), which this follows unless said:
 - Reward weights are all 1 (TRL's default); a reward that is not a finite number is an error (TRL lets a
   function return None to skip a completion).
 - KL: the k3 estimate with TRL's default bias correction (inside `grpo_loss`), computed only when beta > 0.
+- Metrics of the loss (kl; with μ > 1 clip_ratio_low / _high / _region, TRL's clip_ratio/*_mean) are means over
+  the step's μ updates; a clip ratio is each completion's fraction of clipped tokens, then the mean over the
+  completions (TRL: one fraction over all tokens of the batch).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ...adapters import disable_adapters
-from .losses import group_advantages, grpo_loss
+from .losses import clip_fractions, group_advantages, grpo_loss
 from .objective import token_logps
 from .rewards import Reward, completion_text, extract_answer, normalize
 from .rollout import LiveEngine, Rollout, draw_seeds, sample
@@ -60,6 +69,9 @@ class GrpoObjective:
     max_new_tokens: int = 64
     beta: float = 0.0
     answer_field: str = "answer"  # the exact-match metric's reference (when the rows have it)
+    iterations: int = 1  # μ: optimizer updates per rollout batch
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon
 
     def units(self, example) -> int:
         """What the step's loss is averaged over: the prompt's G completions."""
@@ -97,32 +109,70 @@ class GrpoObjective:
         )
         return total, each
 
-    def micro_loss(self, model, examples: list, pad_id: int) -> tuple[Tensor, int, dict[str, float]]:
-        """(Σ per-completion losses (0-dim, differentiable), completions, metric sums over the completions)."""
+    def updates(self, micros: list[list], pad_id: int) -> list[list[functools.partial]]:
+        """One lorakit step's optimizer updates: μ lists, each of one call `fn(model) -> (s, n, metrics)` per
+        micro-batch of `micros` (lists of prompt examples). The first list samples the rollouts (and keeps them
+        when μ > 1); the others replay them. Call the lists in order, an optimizer update after each."""
+        first = [functools.partial(self.micro_loss, examples=m, pad_id=pad_id) for m in micros]
+        if self.iterations == 1:
+            return [first]
+        kept: list[dict] = [{} for _ in micros]
+        for fn, k in zip(first, kept):
+            fn.keywords["keep"] = k
+        replay = [functools.partial(self.replay_loss, kept=k) for k in kept]
+        return [first] + [replay] * (self.iterations - 1)
+
+    def micro_loss(
+        self, model, examples: list, pad_id: int, keep: dict | None = None
+    ) -> tuple[Tensor, int, dict[str, float]]:
+        """(Σ per-completion losses (0-dim, differentiable), completions, metric sums over the completions).
+        `keep`: filled with what `replay_loss` needs (the completions, advantages, old and reference log-probs)."""
         g = self.num_generations
         rollouts = self.rollouts(examples, g, self.temperature)
         total, each = self.score(examples, rollouts)
         batch = completion_batch(examples, rollouts, pad_id, next(model.parameters()).device)
         advantages = group_advantages(total, g).to(batch["mask"].device)
-        losses, kl = self.loss(model, batch, advantages)
+        losses, logps, ref = self.loss(model, batch, advantages)
         metrics = self.metrics(examples, rollouts, total, each)
-        if kl is not None:
-            metrics["kl"] = float(kl.sum())
+        metrics.update(self.loss_metrics(batch["mask"], logps, logps, advantages, ref))
+        if keep is not None:
+            keep.update(batch=batch, advantages=advantages, old=logps, ref=ref)
         return losses.sum(), len(rollouts), metrics
 
-    def loss(self, model, batch: dict, advantages: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(per-completion GRPO losses (N,), per-completion mean token KL (N,) or None when beta = 0)."""
+    def replay_loss(self, model, kept: dict) -> tuple[Tensor, int, dict[str, float]]:
+        """`micro_loss` on the completions `kept` by the step's first update, against its old log-probs."""
+        batch, advantages, old = kept["batch"], kept["advantages"], kept["old"]
+        losses, logps, ref = self.loss(model, batch, advantages, old, kept["ref"])
+        return losses.sum(), len(losses), self.loss_metrics(batch["mask"], logps, old, advantages, ref)
+
+    def loss(
+        self, model, batch: dict, advantages: Tensor, old: Tensor | None = None, ref: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(per-completion GRPO losses (N,), the policy's per-token log-probs detached (N, T - 1), the
+        reference's or None when beta = 0). `old` None: on-policy (the log-probs detached); `ref` None: the
+        reference forward runs here (when beta > 0)."""
         args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps = token_logps(model, *args, temperature=self.temperature)
-        mask = batch["mask"]
-        ref, kl = None, None
-        if self.beta != 0.0:
+        if self.beta != 0.0 and ref is None:
             with torch.no_grad(), disable_adapters(model):
                 ref = token_logps(model, *args, temperature=self.temperature)
-            q = (ref - logps.detach()) * mask
+        old = logps.detach() if old is None else old
+        eps = {"epsilon": self.epsilon, "epsilon_high": self.epsilon_high}
+        losses = grpo_loss(logps, old, advantages, batch["mask"], beta=self.beta, ref_logps=ref, **eps)
+        return losses, logps.detach(), ref
+
+    def loss_metrics(self, mask, logps, old, advantages, ref) -> dict[str, float]:
+        """kl (beta > 0: each completion's mean token k3 estimate) and, with μ > 1, the clip ratios, summed
+        over the completions and divided by μ: the loop's sum over the μ updates is then their mean."""
+        out = {}
+        if ref is not None:
+            q = (ref - logps) * mask
             kl = ((torch.exp(q) - q - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        losses = grpo_loss(logps, logps.detach(), advantages, mask, beta=self.beta, ref_logps=ref)
-        return losses, kl
+            out["kl"] = float(kl.sum()) / self.iterations
+        if self.iterations > 1:
+            clipped = clip_fractions(logps, old, advantages, mask, self.epsilon, self.epsilon_high)
+            out.update({f"clip_ratio_{k}": float(v.sum()) / self.iterations for k, v in clipped.items()})
+        return out
 
     def metrics(self, examples, rollouts, total: Tensor, each: dict[str, list[float]]) -> dict[str, float]:
         """Sums over the completions (the loop divides by the step's completions, giving means). The `*_std`

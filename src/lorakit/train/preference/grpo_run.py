@@ -70,14 +70,18 @@ def run_grpo(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict
     for note in prepared.notes:
         say(note)
     skipped = f", {train.skipped} bad rows skipped" if train.skipped else ""
+    high = f", epsilon high {cfg.epsilon_high:g}" if cfg.epsilon_high is not None else ""
+    passes = f"; {cfg.grpo_iterations} updates per rollout batch (clip epsilon {cfg.epsilon:g}{high})"
     say(f"data {cfg.data}: {len(train.examples)} prompts ({train.format}){skipped}; rewards: "
-        f"{', '.join(r.spec for r in rewards)}; {cfg.num_generations} completions each")  # fmt: skip
+        f"{', '.join(r.spec for r in rewards)}; {cfg.num_generations} completions each"
+        f"{passes if cfg.grpo_iterations > 1 else ''}")  # fmt: skip
     pad_id = _pad_id(tokenizer)
     engine = LiveEngine(model, tokenizer, max_batch=cfg.batch_size * cfg.num_generations).start()
     try:
         objective = GrpoObjective(
             rewards, engine, cfg.num_generations, cfg.temperature, cfg.max_new_tokens, cfg.beta,
-            next((r.field for r in rewards if r.field), "answer"),
+            next((r.field for r in rewards if r.field), "answer"), cfg.grpo_iterations, cfg.epsilon,
+            cfg.epsilon_high,
         )  # fmt: skip
         evaluate = functools.partial(evaluate_grpo, objective=objective, batch_size=cfg.batch_size)
         before = evaluate(held_out.examples) if held_out is not None and ctx.is_main else None
