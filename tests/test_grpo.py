@@ -114,12 +114,11 @@ def test_builtin_rewards():
 # -- the step ------------------------------------------------------------------------------------------------
 
 
-def _by_hand(model, ex_list, rollouts, rewards, g, temperature, beta):
-    """grpo_loss on the same completions, each prompt + completion its own unpadded forward."""
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), g)
+def _hand_logps(model, ex_list, rollouts, temperature):
+    """(policy log-probs (N, W) with gradients, reference log-probs (N, W), mask (N, W)) of the completion
+    tokens, each prompt + completion its own unpadded forward."""
     width = max(len(r.ids) for r in rollouts)
-    logps, ref = torch.zeros(len(rollouts), width), torch.zeros(len(rollouts), width)
-    mask = torch.zeros(len(rollouts), width)
+    ref, mask = torch.zeros(len(rollouts), width), torch.zeros(len(rollouts), width)
     rows = []
     for i, r in enumerate(rollouts):
         p = ex_list[r.prompt].prompt_ids
@@ -131,6 +130,13 @@ def _by_hand(model, ex_list, rollouts, rewards, g, temperature, beta):
         ref[i, : len(r.ids)] = torch.stack([lr_[len(p) - 1 + j, t] for j, t in enumerate(r.ids)])
         mask[i, : len(r.ids)] = 1
     logps = torch.stack([torch.nn.functional.pad(x, (0, width - len(x))) for x in rows])
+    return logps, ref, mask
+
+
+def _by_hand(model, ex_list, rollouts, rewards, g, temperature, beta):
+    """grpo_loss on the same completions, each prompt + completion its own unpadded forward."""
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), g)
+    logps, ref, mask = _hand_logps(model, ex_list, rollouts, temperature)
     return grpo_loss(logps, logps.detach(), adv, mask, beta=beta, ref_logps=ref).mean()
 
 
@@ -162,6 +168,63 @@ def test_step_loss_and_gradient_equal_grpo_loss_by_hand(beta, tmp_path):
     assert any(float(g.abs().max()) > 1e-4 for g in got)  # a real gradient
     for a, p in zip(got, params):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_second_update_replays_the_batch_against_the_old_logps(tmp_path):
+    """--grpo-iterations 2: the first update is the on-policy step bit for bit; after a large update, the
+    second one's loss and gradient are grpo_loss by hand on the same completions against the log-probs of
+    the policy before the update (the clip binds: clipped tokens counted, the gradient differs unclipped)."""
+    model, tok, ds = _setup(tmp_path, n=2)
+    obj = _objective(model, tok, beta=0.1, g=4)
+    obj.iterations, obj.epsilon_high = 2, 0.3
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def grads(loss, retain=False):
+        loss.backward(retain_graph=retain)
+        out = [p.grad.clone() for p in params]
+        model.zero_grad()
+        return out
+
+    try:
+        torch.manual_seed(5)
+        first, second = obj.updates([ds.examples], 0)
+        s1, n1, m1 = first[0](model)
+        g1 = grads(s1 / n1)
+        torch.manual_seed(5)
+        obj.iterations = 1
+        (only,) = obj.updates([ds.examples], 0)
+        s0, n0, m0 = only[0](model)  # what --grpo-iterations 1 computes
+        obj.iterations = 2
+        assert torch.equal(s0, s1) and all(torch.equal(a, b) for a, b in zip(grads(s0 / n0), g1))
+        assert m1 == {**m0, "kl": m0["kl"] / 2, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0,
+                      "clip_ratio_region": 0.0}  # fmt: skip
+        torch.manual_seed(5)
+        rollouts = obj.rollouts(ds.examples, 4, 0.9)
+        adv = group_advantages(torch.tensor(checksum(None, [r.text for r in rollouts])), 4)
+        with torch.no_grad():
+            old, _, mask = _hand_logps(model, ds.examples, rollouts, 0.9)
+            norm = torch.sqrt(sum((g**2).sum() for g in g1))
+            for p, g in zip(params, g1):
+                p -= 8.0 * g / norm  # a large step: many ratios leave [0.8, 1.3]
+        s2, n2, m2 = second[0](model)
+        g2 = grads(s2 / n2)
+    finally:
+        obj.engine.stop()
+    logps, ref, _ = _hand_logps(model, ds.examples, rollouts, 0.9)
+    want = grpo_loss(logps, old, adv, mask, 0.2, 0.1, ref, epsilon_high=0.3).mean()
+    torch.testing.assert_close(s2 / n2, want.detach(), atol=1e-6, rtol=1e-5)
+    for a, b in zip(g2, grads(want, retain=True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    ratio, a = torch.exp(logps.detach() - old), adv.unsqueeze(1)
+    low, high = (ratio < 0.8) & (a < 0) & (mask > 0), (ratio > 1.3) & (a > 0) & (mask > 0)
+    per = [
+        (x.sum(1) / mask.sum(1)).sum().item() / 2 for x in (low, high, low | high)
+    ]  # 1/2: mean of 2 updates
+    assert [m2[f"clip_ratio_{k}"] for k in ("low", "high", "region")] == pytest.approx(per, abs=1e-6)
+    assert m2["clip_ratio_low"] > 0 and m2["clip_ratio_high"] > 0
+    unclipped = grads(grpo_loss(logps, old, adv, mask, 1e9, 0.1, ref).mean())
+    assert max(float((a - b).abs().max()) for a, b in zip(g2, unclipped)) > 1e-3
 
 
 def test_rollouts_come_from_the_live_adapter(tmp_path):
@@ -197,6 +260,7 @@ def _fit(tmp_path, name, **kw):
         log_every=1, num_generations=3, **kw,
     )  # fmt: skip
     obj = _objective(model, tok, beta=cfg.beta, g=3)
+    obj.iterations, obj.epsilon_high = cfg.grpo_iterations, cfg.epsilon_high
     try:
         loop.fit(model, ds.examples, cfg, pad_id=0, objective=obj)
     finally:
@@ -204,9 +268,11 @@ def _fit(tmp_path, name, **kw):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
-    """Ctrl-C mid-run checkpoints; --resume samples the same completions and ends with the same adapter."""
-    opts = dict(beta=0.05, grad_accum=2)
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_resume_after_interrupt_is_exact(iterations, tmp_path, monkeypatch):
+    """Ctrl-C mid-run checkpoints; --resume samples the same completions and ends with the same adapter; with
+    --grpo-iterations 2 each step is 2 updates (the schedule counts them) and logs clip ratios."""
+    opts = dict(beta=0.05, grad_accum=2, grpo_iterations=iterations, epsilon_high=0.28)
     whole = _fit(tmp_path, "whole", **opts)
     calls = {"n": 0}
     plain = grpo_mod.GrpoObjective.micro_loss
@@ -228,6 +294,10 @@ def test_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     straight = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_checksum"] for r in records] == [r["reward_checksum"] for r in straight]
+    assert [r["lr"] for r in records] == [
+        5e-2 * loop.lr_factor(iterations * s, iterations * 4, 0) for s in range(4)
+    ]
+    assert all(("clip_ratio_region" in r) == (iterations > 1) for r in records)
 
 
 # -- data and CLI --------------------------------------------------------------------------------------------
@@ -284,6 +354,11 @@ def test_cli_errors(tmp_path, capsys):
         ),
         (["--reward", "exact", "--temperature", "0"], r"--temperature=0.0 is invalid"),
         (["--reward", "exact", "--beta", "-1"], r"--beta=-1.0 is invalid: expected a positive number or 0"),
+        (["--reward", "exact", "--grpo-iterations", "0"], r"--grpo-iterations=0 is invalid: expected an int"),
+        (["--reward", "exact", "--epsilon", "0"], r"--epsilon=0.0 is invalid: expected a finite number > 0"),
+        (["--reward", "exact", "--epsilon", "nan"], r"--epsilon=nan is invalid"),
+        (["--reward", "exact", "--epsilon-high", "inf"], r"--epsilon-high=inf is invalid"),
+        (["--reward", "exact", "--epsilon-high", "-0.1"], r"--epsilon-high=-0.1 is invalid"),
         (["--reward", "nosuchmod_xyz:f"], "--reward nosuchmod_xyz:f: cannot import module"),
         (["--reward", "exact:gold", "--max-len", "64"], r"p\.jsonl:1: field 'gold' is missing"),
         (["--reward", "exact", "--max-len", "16"], r"p\.jsonl:1: the prompt is \d+ tokens, and with max_new"),
