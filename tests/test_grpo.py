@@ -381,7 +381,7 @@ def test_cli_run_writes_grpo_metrics(tmp_path, capsys):
         ["train", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data), "--mode", "grpo",
          "--reward", "exact", "--reward", r"regex:\d+", "--output", str(out), "--steps", "2", "--batch-size", "2",
          "--num-generations", "3", "--max-new-tokens", "4", "--lr", "0.05", "--rank", "4", "--max-len", "64",
-         "--beta", "0.1", "--eval-every", "2", "--log-every", "1"]
+         "--beta", "0.1", "--eval-every", "2", "--log-every", "1", "--grpo-iterations", "2", "--epsilon-high", "0.3"]
     )  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -392,9 +392,11 @@ def test_cli_run_writes_grpo_metrics(tmp_path, capsys):
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     keys = {"reward", "reward_std", "reward_exact", "reward_exact_std", "reward_regex", "exact_match", "kl",
-            "completion_length", "truncated", "frac_reward_zero_std"}  # fmt: skip
+            "completion_length", "truncated", "frac_reward_zero_std", "clip_ratio_low", "clip_ratio_high",
+            "clip_ratio_region"}  # fmt: skip
     assert all(keys <= r.keys() for r in steps)
     assert any("eval_reward" in r and "eval_exact_match" in r for r in records)
     err = capsys.readouterr().err
-    assert "reward " in err and "step 2: eval reward" in err
+    assert "reward " in err and "step 2: eval reward" in err and " clip " in err
+    assert "2 updates per rollout batch (clip epsilon 0.2, epsilon high 0.3)" in err
     assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
