@@ -209,7 +209,8 @@ def fit(
     Raises:
         ValueError: no trainable parameters, no examples, a checkpoint that does not fit the options, or
             packing=True for a model that cannot keep packed rows apart.
-        NonFiniteLoss: a NaN / inf loss or gradient norm; nothing of that step is applied or saved.
+        NonFiniteLoss: a NaN / inf loss or gradient norm; nothing of that step is saved, nothing of that
+            update applied (with GRPO's μ updates a step, its earlier updates are, in memory only).
     """
     ctx = ctx or distributed.Context()
     stream = stream or sys.stderr

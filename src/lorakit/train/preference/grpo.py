@@ -2,6 +2,7 @@
 
     obj = GrpoObjective(rewards, engine, num_generations=G, temperature=..., max_new_tokens=..., beta=...)
     s, n, metrics = obj.micro_loss(model, examples, pad_id)   # examples: data.prompts.PromptExample
+    for fns in obj.updates(micro_batches, pad_id): ...        # μ optimizer updates, fn(model) -> (s, n, metrics)
 
 One micro-batch is `batch_size` prompt rows; for each of them, in order:
 1. rollouts: G completions per prompt, sampled by `rollout.LiveEngine` (lorakit's serving engine) from the live
@@ -113,12 +114,13 @@ class GrpoObjective:
         """One lorakit step's optimizer updates: μ lists, each of one call `fn(model) -> (s, n, metrics)` per
         micro-batch of `micros` (lists of prompt examples). The first list samples the rollouts (and keeps them
         when μ > 1); the others replay them. Call the lists in order, an optimizer update after each."""
-        first = [functools.partial(self.micro_loss, examples=m, pad_id=pad_id) for m in micros]
         if self.iterations == 1:
-            return [first]
+            return [[functools.partial(self.micro_loss, examples=m, pad_id=pad_id) for m in micros]]
         kept: list[dict] = [{} for _ in micros]
-        for fn, k in zip(first, kept):
-            fn.keywords["keep"] = k
+        first = [
+            functools.partial(self.micro_loss, examples=m, pad_id=pad_id, keep=k)
+            for m, k in zip(micros, kept)
+        ]
         replay = [functools.partial(self.replay_loss, kept=k) for k in kept]
         return [first] + [replay] * (self.iterations - 1)
 
