@@ -207,16 +207,17 @@ def test_group_advantages():
     )  # a group all alike teaches nothing
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_grpo_objective_matches_trl(beta, tmp_path):
+@pytest.mark.parametrize("beta,epsilon_high", [(0.0, None), (0.05, None), (0.05, 0.28)])
+def test_grpo_objective_matches_trl(beta, epsilon_high, tmp_path):
     """GRPOTrainer._compute_loss (loss_type "grpo") on a fixed batch of completions: the same loss and
-    gradients, with ratios inside and outside the clip range and the optional KL term to the reference."""
+    gradients, with ratios inside and outside the clip range (symmetric, or TRL's epsilon_high) and the
+    optional KL term to the reference."""
     from lorakit.train.preference.losses import grpo_loss
     from lorakit.train.preference.objective import token_logps
 
     args = trl.GRPOConfig(
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4, report_to=[],
-        use_cpu=True, bf16=False, beta=beta, epsilon=0.2, max_completion_length=8, logging_steps=1, loss_type="grpo",
+        use_cpu=True, bf16=False, beta=beta, epsilon=0.2, epsilon_high=epsilon_high, max_completion_length=8, logging_steps=1, loss_type="grpo",
     )  # fmt: skip
     tr = trl.GRPOTrainer(
         model=tiny_llama(), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
@@ -242,6 +243,7 @@ def test_grpo_objective_matches_trl(beta, tmp_path):
     ref = (logps.detach() + (torch.rand(logps.shape, generator=g) - 0.5) * 0.5) * mask
     ratio = torch.exp(logps.detach() - old)[mask.bool()]
     assert ((ratio < 0.8) | (ratio > 1.2)).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+    assert ((ratio > 1.2) & (ratio < 1.28)).any() and (ratio > 1.28).any()  # epsilon_high matters
 
     inputs = {
         "prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
@@ -250,7 +252,9 @@ def test_grpo_objective_matches_trl(beta, tmp_path):
     }  # fmt: skip
     expected = tr._compute_loss(tr.model, inputs)
     expected.backward()
-    mine = grpo_loss(logps, old, advantages, mask, epsilon=0.2, beta=beta, ref_logps=ref).mean()
+    mine = grpo_loss(
+        logps, old, advantages, mask, epsilon=0.2, beta=beta, ref_logps=ref, epsilon_high=epsilon_high
+    ).mean()
     mine.backward()
     torch.testing.assert_close(mine, expected.detach(), atol=1e-5, rtol=1e-5)
     _assert_same_grads(ours, tr.model, mapping)

@@ -43,6 +43,9 @@ MUST_MATCH = (
 )  # fmt: skip
 # The optimizer's state only loads into the same optimizer and groups; the data must be encoded the same way.
 MUST_MATCH += ("optimizer", "lora_plus_ratio", "truncate", "chat_template", "init")
+# The objective: a preference or GRPO run resumed with another loss would not be the run it continues
+# (grpo_iterations also sets how many optimizer updates, and so lr-schedule positions, a step holds).
+MUST_MATCH += ("beta", "loss_type", "reward", "num_generations", "grpo_iterations", "epsilon", "epsilon_high")
 
 
 @dataclass

@@ -36,7 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mode",
         choices=MODES,
-        help="sft: chat / prompt-completion rows; cpt: raw text; dpo / orpo / kto: preferences",
+        help="sft: chat / prompt-completion rows; cpt: raw text; dpo / orpo / kto: preferences; grpo: prompts "
+        "and --reward functions",
     )
     g.add_argument("--max-len", type=int, help="tokens per row (sft) or packed block (cpt)")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed rows")
@@ -87,6 +88,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--desirable-weight", type=float, help="kto: weight of desirable rows")
     g.add_argument("--undesirable-weight", type=float, help="kto: weight of undesirable rows")
+    g = p.add_argument_group("grpo (prompts scored by reward functions; --beta: KL weight, 0: none)")
+    g.add_argument(
+        "--reward", action="append", metavar="SPEC",
+        help="repeatable, scores summed: exact, exact:FIELD, regex:PATTERN, module:function, file.py:function",
+    )  # fmt: skip
+    g.add_argument("--num-generations", type=int, help="completions sampled per prompt (the group)")
+    g.add_argument("--temperature", type=float, help="the rollouts' sampling temperature")
+    g.add_argument("--max-new-tokens", type=int, help="the longest completion, in tokens")
+    g.add_argument(
+        "--grpo-iterations", type=int, metavar="MU", help="optimizer updates per rollout batch (default 1)"
+    )
+    g.add_argument("--epsilon", type=float, help="clip the ratio to [1 - epsilon, 1 + epsilon] (default 0.2)")
+    g.add_argument("--epsilon-high", type=float, help="the clip's upper epsilon (default: --epsilon)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
@@ -165,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
             "reward_accuracy",
             "preference_accuracy",
             "reward_margin",
+            "reward",
             "exact_match",
         ):
             if before.get(key) is not None and after.get(key) is not None:

@@ -6,13 +6,14 @@ The resolved config is saved beside the adapter (`train_config.yaml`), so a run 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..textfile import read_utf8
 
-MODES = ("sft", "cpt", "dpo", "orpo", "kto")
+MODES = ("sft", "cpt", "dpo", "orpo", "kto", "grpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 QUANTIZE = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
@@ -62,6 +63,12 @@ class TrainConfig:
             "mlp.experts.gate_up_proj,mlp.experts.down_proj" (lorakit.param_lora).
         distributed: under torchrun, "ddp" (DistributedDataParallel, every process holds the model) or
             "fsdp" (FSDP2: the base sharded across processes; without torchrun, FSDP over one process).
+        reward: grpo: reward specs (`lorakit.train.preference.rewards.load_rewards`): "exact", "exact:FIELD",
+            "regex:PATTERN", "module:function" or "path/to/file.py:function"; their scores are summed.
+        num_generations: grpo: completions sampled per prompt (the group; `batch_size` counts prompts).
+        temperature / max_new_tokens: grpo: the rollouts' sampling temperature and length limit.
+        grpo_iterations: grpo: μ, optimizer updates per rollout batch (TRL's num_iterations; one lorakit step).
+        epsilon / epsilon_high: grpo: the ratio's clip range [1 - epsilon, 1 + epsilon_high] (None: epsilon).
     """
 
     model: str = "default"
@@ -113,6 +120,14 @@ class TrainConfig:
     init: str = "default"
     distributed: str = "ddp"
     target_parameters: str | list[str] | None = None
+    # grpo (issue 13): reward functions and rollouts (beta is the KL weight; 0: no reference forward)
+    reward: str | list[str] | None = None
+    num_generations: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    grpo_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,9 +178,12 @@ class TrainConfig:
         if self.loss_type not in LOSS_TYPES:
             raise bad("loss_type", f"one of {LOSS_TYPES}")
         for name in ("beta", "desirable_weight", "undesirable_weight"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "a positive number")
+            if not getattr(self, name) > 0 and not (
+                name == "beta" and self.mode == "grpo" and self.beta == 0
+            ):
+                raise bad(name, "a positive number" + (" or 0 (no KL term)" if self.mode == "grpo" else ""))
         self._validate_everyday(bad)
+        self._validate_grpo(bad)
 
     def _validate_everyday(self, bad) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -191,6 +209,39 @@ class TrainConfig:
             )
         if not isinstance(self.device, str) or not self.device:
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def _validate_grpo(self, bad) -> None:
+        if self.reward is not None and not (
+            isinstance(self.reward, str)
+            or (isinstance(self.reward, list) and all(isinstance(r, str) for r in self.reward))
+        ):
+            raise bad("reward", "a reward spec or a list of them")
+        for name, low in (("num_generations", 2), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(
+                    name, f"an integer >= {low}" + (" (a group needs 2 to compare)" if low == 2 else "")
+                )
+        mu = self.grpo_iterations
+        if isinstance(mu, bool) or not isinstance(mu, int) or mu < 1:
+            raise bad("grpo_iterations", "an integer >= 1 (optimizer updates per rollout batch)")
+        for name in ("epsilon", "epsilon_high"):
+            e = getattr(self, name)
+            if (name == "epsilon" or e is not None) and (
+                isinstance(e, bool) or not isinstance(e, int | float) or not 0 < e < math.inf
+            ):
+                raise bad(name, "a finite number > 0 (the clip range of the ratio)")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 2:
+            raise bad("temperature", "a number in (0, 2] (0 would sample every completion of a group alike)")
+        if self.mode == "grpo" and not self.rewards():
+            raise ValueError(
+                "--mode grpo needs at least one --reward (e.g. --reward exact, --reward module:function)"
+            )
+
+    def rewards(self) -> list[str]:
+        """The reward specs `reward` names, in order."""
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward or [])
 
     def trackers(self) -> list[str]:
         """The experiment trackers `report_to` names, in order ("none" / empty: none)."""

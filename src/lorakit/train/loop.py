@@ -81,6 +81,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
         from .preference.run import run_preference
 
         return run_preference(cfg, ctx, stream)
+    if cfg.mode == "grpo":  # rollouts from the live adapter, reward functions (preference/grpo_run.py)
+        from .preference.grpo_run import run_grpo
+
+        return run_grpo(cfg, ctx, stream)
     say = scaffold.sayer(stream, ctx)
     done = scaffold.finished_run(cfg, ctx, say)
     if done is not None:
@@ -174,16 +178,19 @@ def fit(
     eval_examples: list | None = None,
     ctx: distributed.Context | None = None,
     stream: TextIO | None = None,
+    objective=None,
 ) -> Fitted:
     """Train the trainable parameters of `model` on `examples` (objects with `input_ids` and `labels`).
 
     Checkpoints, metrics.jsonl and the resume state live in `cfg.output`. Ctrl-C / SIGTERM stop after the
-    current step with a checkpoint (then KeyboardInterrupt is raised).
+    current step with a checkpoint (then KeyboardInterrupt is raised). `objective`: the micro-batch loss
+    (GRPO's, built with its reward functions and engine); None: the one `cfg.mode` implies.
 
     Raises:
         ValueError: no trainable parameters, no examples, a checkpoint that does not fit the options, or
             packing=True for a model that cannot keep packed rows apart.
-        NonFiniteLoss: a NaN / inf loss or gradient norm; nothing of that step is applied or saved.
+        NonFiniteLoss: a NaN / inf loss or gradient norm; nothing of that step is saved, nothing of that
+            update applied (with GRPO's μ updates a step, its earlier updates are, in memory only).
     """
     ctx = ctx or distributed.Context()
     stream = stream or sys.stderr
@@ -193,7 +200,7 @@ def fit(
         raise ValueError("nothing to train: the model has no trainable parameters (add an adapter first)")
     if not examples:
         raise ValueError("no training examples")
-    session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say)
+    session = _Run(model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say, objective)
     # Preference objectives batch their own (paired) rows: packing is for token-level losses. The probe runs
     # the plain model, before DDP wraps it; under FSDP the base is sharded and every micro-batch is padded.
     if cfg.distributed == "fsdp" and session.objective is None:
@@ -262,7 +269,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg
 class _Run:
     """The state of one `fit`: its shape, the optimizer, the step counters, and the step's pieces."""
 
-    def __init__(self, model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say):
+    def __init__(self, model, examples, cfg, ctx, params, pad_id, eval_examples, stream, say, objective=None):
         self.model, self.examples, self.cfg, self.ctx = model, examples, cfg, ctx
         self.params, self.plist = params, list(params.values())
         self.pad_id, self.eval_examples, self.stream, self.say = pad_id, eval_examples, stream, say
@@ -275,7 +282,7 @@ class _Run:
         self.warmup = round(cfg.warmup * self.total)
         # The micro-batch loss: token-level (sft, cpt) or a preference objective (dpo, orpo, kto; its units are
         # pairs or rows, so the step's loss is the mean over them).
-        self.objective = objective_for(cfg)
+        self.objective = objective if objective is not None else objective_for(cfg)
         obj = self.objective
         self.loss_tokens = [obj.units(ex) if obj else _loss_tokens(ex) for ex in examples]
         self.row_tokens = [obj.tokens(ex) if obj else len(ex.input_ids) for ex in examples]
@@ -355,26 +362,45 @@ class _Run:
     def train_step(self, step: int) -> tuple[float, float, float, int]:
         """Forward + backward of optimizer step `step` over its micro-batches, then clip and update.
 
-        Returns (loss, grad norm, lr, tokens of the step's rows). Raises NonFiniteLoss before the update.
+        An objective with `updates` (GRPO with --grpo-iterations μ > 1) makes one step μ optimizer updates
+        over the same rows; the schedule then counts updates (update j of step s is s·μ + j of total·μ).
+        Returns (loss, grad norm: means over the updates; the first update's lr; tokens of the step's rows).
+        Raises NonFiniteLoss before the update.
         """
         ctx, bs, accum = self.ctx, self.cfg.batch_size, self.cfg.grad_accum
         rows = step_rows(step, len(self.examples), self.global_batch, self.cfg.seed)
         n_loss = max(1, sum(self.loss_tokens[i] for i in rows))
         mine = rows[ctx.rank * bs * accum : (ctx.rank + 1) * bs * accum]
-        lr = set_lr(self.optimizer, self.cfg, step, self.total, self.warmup)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        extra: dict[str, float] = {}
-        # Each micro-batch's loss runs inside the engine's wrapper (DDP / FSDP see the forward); gradients
-        # are summed over ranks once, in the last micro-batch's backward.
         if self.objective is not None:
             obj, pad = self.objective, self.pad_id
             micros = [[self.examples[i] for i in mine[m * bs : (m + 1) * bs]] for m in range(accum)]
-            shared = obj.step_options(self.engine, micros, pad, ctx)  # KTO: the step's KL reference point
-            steps = [functools.partial(obj.micro_loss, examples=m, pad_id=pad, **shared) for m in micros]
+            if hasattr(obj, "updates"):  # GRPO: rollouts, then grpo_iterations updates over them
+                updates = obj.updates(micros, pad)
+            else:
+                shared = obj.step_options(self.engine, micros, pad, ctx)  # KTO: the step's KL reference point
+                updates = [
+                    [functools.partial(obj.micro_loss, examples=m, pad_id=pad, **shared) for m in micros]
+                ]
         else:
-            steps = [
-                functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)
+            updates = [
+                [functools.partial(micro_batch_loss, batch=b, cfg=self.cfg) for b in self.micro_batches(mine)]
             ]
+        mu, extra = len(updates), {}
+        done = [self.update(fns, n_loss, step, step * mu + j, mu, extra) for j, fns in enumerate(updates)]
+        self.extra = {
+            k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
+        }
+        loss, norm = sum(d[0] for d in done) / mu, sum(d[1] for d in done) / mu
+        return loss, norm, done[0][2], sum(self.row_tokens[i] for i in rows)
+
+    def update(self, steps: list, n_loss: int, step: int, update: int, mu: int, extra: dict):
+        """One optimizer update (`update` of total·mu) over the micro-batch calls `steps`; adds their metric
+        sums to `extra`. Returns (loss, grad norm, lr)."""
+        ctx = self.ctx
+        lr = set_lr(self.optimizer, self.cfg, update, self.total * mu, self.warmup * mu)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Each micro-batch's loss runs inside the engine's wrapper (DDP / FSDP see the forward); gradients
+        # are summed over ranks once, in the last micro-batch's backward.
         for m, fn in enumerate(steps):
             with self.engine.micro_step(last=m == len(steps) - 1):
                 s, _, *sums = self.engine.run(fn)
@@ -383,9 +409,6 @@ class _Run:
                 extra[k] = extra.get(k, 0.0) + v
             loss_sum += s.detach().double()
         loss = distributed.sum_scalar(ctx, float(loss_sum), self.device) / n_loss
-        self.extra = {
-            k: round(distributed.sum_scalar(ctx, v, self.device) / n_loss, 6) for k, v in extra.items()
-        }
         # Stop before a bad update reaches the weights; clip; step.
         norm = float(torch.nn.utils.clip_grad_norm_(self.plist, self.cfg.max_grad_norm or math.inf))
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -394,7 +417,7 @@ class _Run:
             raise self.non_finite(step, loss, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm, lr, sum(self.row_tokens[i] for i in rows)
+        return loss, norm, lr
 
     def non_finite(self, step: int, loss: float, norm: float) -> NonFiniteLoss:
         kept = checkpoint.latest(self.output)
@@ -432,9 +455,12 @@ class _Run:
                     )
             if ctx.is_main:
                 self.log.write({"step": done, **ev})
-                extra = "".join(f"  {k} {ev['eval_' + k]:.3f}" for k in ("reward_accuracy", "reward_margin", "kl")
-                                if "eval_" + k in ev)  # fmt: skip
-                self.progress.message(f"step {done}: eval loss {ev['eval_loss']:.4f}{extra}")
+                shown = self.objective.describe(ev) if hasattr(self.objective, "describe") else None
+                if shown is None:
+                    keys = ("reward_accuracy", "reward_margin", "kl")
+                    extra = "".join(f"  {k} {ev['eval_' + k]:.3f}" for k in keys if "eval_" + k in ev)
+                    shown = f"eval loss {ev['eval_loss']:.4f}{extra}"
+                self.progress.message(f"step {done}: {shown}")
         if cfg.save_every and done % cfg.save_every == 0 and done < self.total:
             self.save_checkpoint(done)
         if distributed.any_flag(ctx, stop, self.device):

@@ -108,6 +108,8 @@ class Progress:
 
 # Metrics of the preference modes shown on the progress line, by their short names.
 _SHORT = {"reward_accuracy": "acc", "reward_margin": "margin", "kl": "kl"}
+_SHORT.update(reward="reward", exact_match="exact", completion_length="len")  # grpo
+_SHORT.update(clip_ratio_region="clip")  # grpo with --grpo-iterations > 1
 
 
 class RowProgress:

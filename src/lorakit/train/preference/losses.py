@@ -139,15 +139,17 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logps: Tensor | None = None,
     kl_correction: bool = True,
+    epsilon_high: float | None = None,
 ) -> Tensor:
     """GRPO's clipped objective (TRL's loss_type "grpo"), per completion.
 
     Per completion token t, with ratio ρ_t = exp(log π(t) - log π_old(t)) and the completion's advantage A:
-        ℓ_t = -min(ρ_t · A, clip(ρ_t, 1 - ε, 1 + ε) · A) + β · ρ_t · (exp(q_t) - q_t - 1),
+        ℓ_t = -min(ρ_t · A, clip(ρ_t, 1 - ε, 1 + ε_high) · A) + β · ρ_t · (exp(q_t) - q_t - 1),
         q_t = log π_ref(t) - log π(t)
     (the second term, the k3 estimate of KL(π || π_ref), only when β > 0; the factor ρ_t, TRL's default
     `use_bias_correction_kl`, makes its gradient the unbiased reverse-KL gradient for samples from π_old; off
-    with `kl_correction=False`), and the completion's loss is the mean of ℓ_t over its tokens.
+    with `kl_correction=False`), and the completion's loss is the mean of ℓ_t over its tokens. ε_high is
+    `epsilon_high`, ε when None (TRL's asymmetric clip, DAPO's "clip-higher").
 
     Args:
         logps, old_logps, ref_logps: (B, T) per-token log-probs of the completion tokens (old: the policy that
@@ -157,7 +159,8 @@ def grpo_loss(
     """
     ratio = torch.exp(logps - old_logps)
     a = advantages.unsqueeze(1)
-    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    high = epsilon if epsilon_high is None else epsilon_high
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + high) * a)
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps (the reference's per-token log-probs)")
@@ -166,3 +169,19 @@ def grpo_loss(
         per_token = per_token + beta * (kl * ratio if kl_correction else kl)
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def clip_fractions(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, epsilon: float, epsilon_high=None
+) -> dict[str, Tensor]:
+    """Per completion, the fraction of its tokens where `grpo_loss`'s clip binds (its gradient is cut), as
+    TRL's metrics: "low" where ρ_t < 1 - ε and A < 0, "high" where ρ_t > 1 + ε_high and A > 0, "region"
+    either. Returns {"low", "high", "region"}: (B,) float, detached (0 for a completion without tokens)."""
+    ratio = torch.exp(logps.detach() - old_logps)
+    a = advantages.unsqueeze(1)
+    high = epsilon if epsilon_high is None else epsilon_high
+    low_hit, high_hit = (ratio < 1 - epsilon) & (a < 0), (ratio > 1 + high) & (a > 0)
+    mask = mask.to(ratio.dtype)
+    n = mask.sum(1).clamp(min=1.0)
+    hits = {"low": low_hit, "high": high_hit, "region": low_hit | high_hit}
+    return {k: (v.to(ratio.dtype) * mask).sum(1) / n for k, v in hits.items()}

@@ -50,8 +50,11 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     ).float()
 
 
-def token_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+def token_logps(
+    model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, temperature: float = 1.0
+) -> Tensor:
     """Per-token next-token log-probs (B, T - 1): entry t is log p(labels[t + 1]); 0 where labels are -100.
+    `temperature`: of softmax(logits / temperature), the distribution GRPO's rollouts were sampled from.
 
     The output head runs on the labelled positions only (never all B·T·V logits), unless the model changes its
     logits after the head (then the full logits are taken).
@@ -65,7 +68,8 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][
             keep
         ]
-    picked = torch.log_softmax(logits.float(), -1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    picked = torch.log_softmax(logits, -1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=labels.device)
     return out.masked_scatter(keep, picked)
 
