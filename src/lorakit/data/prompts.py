@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from .dataset import Dataset
-from .formats import _show, render
+from .formats import shown, render
 from .rows import DataError, read_rows
 
 PROMPT_KEYS = ("prompt", "messages", "system")
@@ -72,7 +72,7 @@ def load_prompts(
             for name in required:
                 if row.get(name) is None or (isinstance(row.get(name), str) and not row[name].strip()):
                     raise DataError(
-                        f"{where}: field {name!r} is {_show(row.get(name))}; expected the reference the "
+                        f"{where}: field {name!r} is {shown(row.get(name))}; expected the reference the "
                         f"reward compares completions with"
                     )
             if len(ex.prompt_ids) + max_new_tokens > max_len:
@@ -102,7 +102,7 @@ def _encode(row: dict, tokenizer, where: str) -> tuple[PromptExample, str]:
             for m in messages
         ):
             raise DataError(
-                f"{where}: field 'messages' is {_show(messages)}; expected the conversation so far, a list of "
+                f"{where}: field 'messages' is {shown(messages)}; expected the conversation so far, a list of "
                 "{'role': str, 'content': str}"
             )
         if messages[-1]["role"] == "assistant":
@@ -119,12 +119,12 @@ def _encode(row: dict, tokenizer, where: str) -> tuple[PromptExample, str]:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(
-            f"{where}: field 'prompt' is {_show(prompt)} and there is no 'messages'; expected a prompt string "
+            f"{where}: field 'prompt' is {shown(prompt)} and there is no 'messages'; expected a prompt string "
             "or the conversation so far"
         )
     system = row.get("system")
     if system is not None and not isinstance(system, str):
-        raise DataError(f"{where}: field 'system' is {_show(system)}; expected a string")
+        raise DataError(f"{where}: field 'system' is {shown(system)}; expected a string")
     if getattr(tokenizer, "chat_template", None):
         conv = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
