@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from .dataset import Dataset
-from .formats import shown, render
+from .formats import render, shown
 from .rows import DataError, read_rows
 
 PROMPT_KEYS = ("prompt", "messages", "system")
