@@ -117,17 +117,26 @@ def test_wandb_offline_resumes_the_same_run_id(resumed_run):
     run_id = json.loads((out / "trackers.json").read_text())["wandb"]["run_id"]
     files = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)  # `wandb sync` appends
-    got: dict[str, list] = {}
-    for path in files:  # in session order (the directory names start with the time)
+    sessions = []
+    for path in files:
+        history = []
         for r in _wandb_records(path):
-            if r.WhichOneof("record_type") != "history":
-                continue
-            items = {
-                i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json) for i in r.history.item
-            }
-            for k, v in items.items():
-                if not k.startswith("_"):
-                    got.setdefault(k, []).append((items["_step"], v))
+            if r.WhichOneof("record_type") == "history":
+                history.append(
+                    {
+                        i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json)
+                        for i in r.history.item
+                    }
+                )
+        sessions.append(history)
+    # In session order: by the wall time of each file's first record (the directory names' seconds can tie
+    # or, across a clock step, mislead).
+    sessions.sort(key=lambda h: h[0]["_timestamp"] if h else float("inf"))
+    got: dict[str, list] = {}
+    for items in (items for history in sessions for items in history):
+        for k, v in items.items():
+            if not k.startswith("_"):
+                got.setdefault(k, []).append((items["_step"], v))
     _check(got, records)
 
 
