@@ -15,7 +15,7 @@ import lorakit
 from conftest import quantizable_llama_dir, randomize_adapters, tiny_llama, tiny_tokenizer
 from lorakit.data import DataError
 from lorakit.data.prompts import load_prompts
-from lorakit.train import TrainConfig, loop
+from lorakit.train import TrainConfig, loop, optim
 from lorakit.train.preference import grpo as grpo_mod
 from lorakit.train.preference.grpo import GrpoObjective
 from lorakit.train.preference.losses import group_advantages, grpo_loss
@@ -295,7 +295,7 @@ def test_resume_after_interrupt_is_exact(iterations, tmp_path, monkeypatch):
     straight = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_checksum"] for r in records] == [r["reward_checksum"] for r in straight]
     assert [r["lr"] for r in records] == [
-        5e-2 * loop.lr_factor(iterations * s, iterations * 4, 0) for s in range(4)
+        5e-2 * optim.lr_factor(iterations * s, iterations * 4, 0) for s in range(4)
     ]
     assert all(("clip_ratio_region" in r) == (iterations > 1) for r in records)
 

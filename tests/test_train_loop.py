@@ -10,7 +10,9 @@ import torch
 import lorakit
 from lorakit.data import collate
 from lorakit.train import checkpoint, loop
-from lorakit.train.loop import NonFiniteLoss, fit, lr_factor, step_rows
+from lorakit.train.loop import NonFiniteLoss, fit
+from lorakit.train.optim import lr_factor
+from lorakit.train.order import step_rows
 from train_tiny import config, examples, model_with_adapter
 
 

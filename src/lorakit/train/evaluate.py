@@ -200,3 +200,24 @@ def _eos_ids(model, tokenizer) -> set[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
     return {int(t) for t in eos}
+
+
+def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> dict[str, float]:
+    """Token-averaged loss and perplexity of `model` on `examples` (evaluate.heldout_loss)."""
+    loss, _ = heldout_loss(model, examples, batch_size, pad_id, chunk)
+    return {"eval_loss": round(loss, 6), "eval_perplexity": round(perplexity(loss), 4)}
+
+
+def format_metrics(metrics: dict) -> str:
+    """The before / after line of an SFT run: loss, perplexity, exact match."""
+    parts = [f"loss {metrics['loss']:.4f}", f"perplexity {metrics['perplexity']:.2f}"]
+    if metrics.get("exact_match") is not None:
+        parts.append(f"exact match {metrics['exact_match']:.1%}")
+    return "  ".join(parts)
+
+
+def skipped_note(dataset) -> str:
+    """ ", N bad rows skipped, M rows ... truncated" of a Dataset, or ""."""
+    cut = getattr(dataset, "truncated", 0)
+    truncated = f", {cut} rows longer than --max-len truncated to it" if cut else ""
+    return (f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else "") + truncated

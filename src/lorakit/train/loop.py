@@ -4,9 +4,8 @@
     fit(...)   the optimizer loop: AdamW, warmup + cosine, gradient accumulation, clipping, checkpoints;
                each step: `_Run.train_step` -> `micro_batches` (padded or packed) -> `micro_batch_loss`
 
-The data order is a pure function of (seed, step): each epoch is a seeded permutation of the rows, and step s
-takes rows [s·G, (s+1)·G) of the concatenated epochs, G = batch_size · grad_accum · processes. So a resumed or
-multi-process run sees exactly the rows a single uninterrupted run sees, and the checkpoint only needs the step.
+The data order is a pure function of (seed, step) (order.py), so a resumed or multi-process run sees exactly
+the rows a single uninterrupted run sees, and the checkpoint only needs the step.
 
 The loss of an optimizer step is the sum of token losses over all its rows divided by the number of loss
 tokens in all its rows (counted up front from the labels), so accumulating micro-batches, or splitting them
@@ -32,8 +31,9 @@ from ..losses import causal_lm_loss
 from . import checkpoint, distributed, optim, packing, scaffold, tracking
 from .compile import compiled
 from .config import TrainConfig
-from .evaluate import heldout_loss, perplexity
+from .evaluate import eval_loss, format_metrics, skipped_note
 from .metrics import MetricsLog, Progress
+from .order import step_rows
 from .preference.objective import MODES as PREFERENCE_MODES
 from .preference.objective import objective_for
 from .run_defaults import common_system
@@ -105,7 +105,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     )
     if held_out is not None and ctx.is_main:
         before = evaluate(model, tokenizer, held_out)
-        say(f"before: {_fmt(before)}  ({eval_path}, {len(held_out.examples)} rows)")
+        say(f"before: {format_metrics(before)}  ({eval_path}, {len(held_out.examples)} rows)")
 
     # 3. Train (records also go to the --report-to trackers).
     if ctx.is_main:
@@ -126,7 +126,7 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
             save_prepared(prepared, Path(cfg.output))
     if ctx.is_main:
         if after is not None:
-            say(f"after:  {_fmt(after)}")
+            say(f"after:  {format_metrics(after)}")
         results = scaffold.results_of(cfg, counts, fitted, before, after, packing=fitted.packing)
         scaffold.write_records(cfg, results, say, train=train)
     distributed.barrier(ctx)
@@ -156,7 +156,7 @@ def _load_data(cfg: TrainConfig, prepared, say):
         from .eva_init import reinit_with_eva
 
         reinit_with_eva(prepared, train.examples, cfg.batch_size, pad_id_of(prepared.tokenizer), say)
-    say(f"data {train_path}: {describe_dataset(train)}" + _skipped(train))
+    say(f"data {train_path}: {describe_dataset(train)}" + skipped_note(train))
     return train, held_out, eval_path
 
 
@@ -495,46 +495,6 @@ class _Run:
 # -- the pieces the loop uses --------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine to 0
-    (`optim.lr_factor` with the default schedule; see there)."""
-    return optim.lr_factor(step, total, warmup, "cosine")
-
-
-def step_rows(step: int, n: int, global_batch: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step`: rows [step·G, (step+1)·G) of the seeded epoch permutations."""
-    out = []
-    for i in range(step * global_batch, (step + 1) * global_batch):
-        epoch, j = divmod(i, n)
-        out.append(_permutation(n, seed, epoch)[j])
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(n, generator=g).tolist())
-
-
-def eval_loss(model, examples: list, batch_size: int, pad_id: int, chunk: int = 0) -> dict[str, float]:
-    """Token-averaged loss and perplexity of `model` on `examples` (evaluate.heldout_loss)."""
-    loss, _ = heldout_loss(model, examples, batch_size, pad_id, chunk)
-    return {"eval_loss": round(loss, 6), "eval_perplexity": round(perplexity(loss), 4)}
-
-
 def _loss_tokens(example) -> int:
     """Tokens of `example` that carry a loss (labels shifted by one, as the loss counts them)."""
     return sum(1 for t in example.labels[1:] if t != -100)
-
-
-def _fmt(metrics: dict) -> str:
-    parts = [f"loss {metrics['loss']:.4f}", f"perplexity {metrics['perplexity']:.2f}"]
-    if metrics.get("exact_match") is not None:
-        parts.append(f"exact match {metrics['exact_match']:.1%}")
-    return "  ".join(parts)
-
-
-def _skipped(dataset) -> str:
-    cut = getattr(dataset, "truncated", 0)
-    truncated = f", {cut} rows longer than --max-len truncated to it" if cut else ""
-    return (f", {dataset.skipped} bad rows skipped" if getattr(dataset, "skipped", 0) else "") + truncated
