@@ -142,17 +142,17 @@ def reset_peak_rss() -> None:
 
 
 def held_out_loss(model, work: Path, tok, args) -> float:
-    from lorakit.data import load_dataset
-    from lorakit.train.loop import _pad_id, eval_loss
+    from lorakit.data import load_dataset, pad_id_of
+    from lorakit.train.evaluate import eval_loss
 
     held = load_dataset(work / "eval.jsonl", tok, "sft", max_len=args.max_len)
-    return eval_loss(model, held.examples, args.batch_size, _pad_id(tok))["eval_loss"]
+    return eval_loss(model, held.examples, args.batch_size, pad_id_of(tok))["eval_loss"]
 
 
 def run_lorakit(name: str, work: Path, args) -> dict:
-    from lorakit.data import load_dataset
+    from lorakit.data import load_dataset, pad_id_of
     from lorakit.train import TrainConfig, metrics
-    from lorakit.train.loop import _pad_id, fit
+    from lorakit.train.loop import fit
     from lorakit.train.prepare import prepare
 
     out = work / name
@@ -167,7 +167,7 @@ def run_lorakit(name: str, work: Path, args) -> dict:
     train = load_dataset(cfg.data, tok, "sft", max_len=cfg.max_len)
     rss0 = rss_mib()
     reset_peak_rss()
-    fitted = fit(model, train.examples, cfg, pad_id=_pad_id(tok))
+    fitted = fit(model, train.examples, cfg, pad_id=pad_id_of(tok))
     peak = rss_mib("VmHWM")
     losses = [r["loss"] for r in metrics.read(out / "metrics.jsonl") if "loss" in r]
     return {"seconds": fitted.seconds, "real_tokens": fitted.tokens, "rows": args.steps * args.batch_size,
