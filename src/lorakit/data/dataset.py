@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import Example, check_row, detect_format, encode_sft, pack_text, with_system
-from .rows import DataError, read_rows
+from .rows import DataError, read_rows, require_rows
 
 MODES = ("sft", "cpt")
 
@@ -101,9 +101,7 @@ def load_dataset(
 
     if too_long:
         raise _too_long_error(too_long, max_len)
-    if not rows:
-        detail = f" ({len(reasons)} bad rows skipped; first: {reasons[0]})" if reasons else ""
-        raise DataError(f"{path}: no usable rows{detail}; expected at least one")
+    require_rows(path, rows, reasons)
     if fmt == "text":
         examples = pack_text(rows, tokenizer, max_len)
         if not examples:

@@ -21,7 +21,7 @@ import torch
 
 from .dataset import Dataset
 from .formats import Example, check_row, encode_sft, shown
-from .rows import DataError, read_rows
+from .rows import DataError, read_rows, require_rows
 
 PAIR_MODES = ("dpo", "orpo")
 MODES = PAIR_MODES + ("kto",)
@@ -113,9 +113,7 @@ def load_preference(
             if not skip_bad_rows:
                 raise
             reasons.append(str(err))
-    if not rows:
-        detail = f" ({len(reasons)} bad rows skipped; first: {reasons[0]})" if reasons else ""
-        raise DataError(f"{path}: no usable rows{detail}; expected at least one")
+    require_rows(path, rows, reasons)
     return Dataset(examples, rows, "kto" if mode == "kto" else "pairs", len(reasons), path, reasons[:20])
 
 

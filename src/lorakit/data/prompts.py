@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .dataset import Dataset
 from .formats import render, shown
-from .rows import DataError, read_rows
+from .rows import DataError, read_rows, require_rows
 
 PROMPT_KEYS = ("prompt", "messages", "system")
 
@@ -87,9 +87,7 @@ def load_prompts(
             if not skip_bad_rows:
                 raise
             reasons.append(str(err))
-    if not rows:
-        detail = f" ({len(reasons)} bad rows skipped; first: {reasons[0]})" if reasons else ""
-        raise DataError(f"{path}: no usable rows{detail}; expected at least one")
+    require_rows(path, rows, reasons)
     return Dataset(examples, rows, fmt, len(reasons), path, reasons[:20])
 
 

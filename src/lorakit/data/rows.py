@@ -64,6 +64,13 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict | DataError]]:
             yield where, _parse_object(line, where)
 
 
+def require_rows(path: str, rows: list, reasons: list[str]) -> None:
+    """Raise the DataError of a file that gave no usable row (saying how many were skipped, and the first why)."""
+    if not rows:
+        detail = f" ({len(reasons)} bad rows skipped; first: {reasons[0]})" if reasons else ""
+        raise DataError(f"{path}: no usable rows{detail}; expected at least one")
+
+
 def _parse_object(text: str, where: str) -> dict | DataError:
     """One JSON object, or the DataError saying why not (never a RecursionError)."""
     try:
