@@ -75,7 +75,6 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
     from lorakit import adapters
 
     from .evaluate import evaluate
-    from .prepare import save_prepared
 
     if cfg.mode in PREFERENCE_MODES:  # dpo / orpo / kto: their own data and metrics, this file's fit
         from .preference.run import run_preference
@@ -117,13 +116,10 @@ def _run(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -> dict[str
 
     # 4. Held-out metrics after training, then what the adapter needs, written by rank 0 only.
     results: dict[str, Any] = {}
-    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
-    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
-        with engine.evaluating() as m:
-            after = evaluate(m, tokenizer, held_out)
-    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
-        if ctx.is_main:
-            save_prepared(prepared, Path(cfg.output))
+    held_out_metrics = (
+        functools.partial(evaluate, tokenizer=tokenizer, dataset=held_out) if held_out is not None else None
+    )
+    after = scaffold.evaluate_and_save(model, prepared, cfg, ctx, held_out_metrics)
     if ctx.is_main:
         if after is not None:
             say(f"after:  {format_metrics(after)}")

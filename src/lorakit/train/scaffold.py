@@ -4,6 +4,7 @@ and the records written at the end are the same in every mode.
 
     finished_run(cfg, ctx, say)   --resume of a finished run: its results, nothing retrained
     prepare_model(cfg, ctx)       seeded, prepared (model + fresh adapter + tokenizer), chat template, device
+    evaluate_and_save(...)        after fit: held-out metrics through the model's engine, the adapter saved
     results_of(...)               results.json's dict
     write_records(...)            rank 0, after the adapter is saved: the run's files, then the checkpoints go
 """
@@ -83,6 +84,24 @@ def prepare_model(cfg: TrainConfig, ctx: distributed.Context, say: Say):
     for note in prepared.notes:
         say(note)
     return prepared
+
+
+def evaluate_and_save(
+    model, prepared, cfg: TrainConfig, ctx: distributed.Context, evaluate=None
+) -> dict | None:
+    """After `fit` (which put the model under its engine): `evaluate(model)`'s held-out metrics, on rank 0, or
+    on every rank under FSDP, whose forwards need them all (None without `evaluate` or off rank 0); then the
+    adapter saved by rank 0 from its full tensors (FSDP gathers them on every rank)."""
+    from .prepare import save_prepared
+
+    engine, after = distributed.engine_of(model), None
+    if evaluate is not None and (ctx.is_main or engine.sharded):
+        with engine.evaluating() as m:
+            after = evaluate(m)
+    with engine.gathered_trainable():
+        if ctx.is_main:
+            save_prepared(prepared, Path(cfg.output))
+    return after
 
 
 def results_of(cfg: TrainConfig, counts, fitted, before: dict | None, after: dict | None, **extra) -> dict:

@@ -29,7 +29,6 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     from lorakit.data.preference import load_preference
 
     from ..loop import fit
-    from ..prepare import save_prepared
 
     if cfg.data is None:
         raise ValueError(
@@ -70,13 +69,10 @@ def run_preference(cfg: TrainConfig, ctx: distributed.Context, stream: TextIO) -
     )  # fmt: skip
 
     results: dict[str, Any] = {}
-    engine, after = distributed.engine_of(model), None  # fit put the model under its engine
-    if held_out is not None and (ctx.is_main or engine.sharded):  # FSDP: every rank runs the forwards
-        with engine.evaluating() as m:
-            after = evaluate(m, held_out.examples)
-    with engine.gathered_trainable():  # FSDP: the adapter's tensors in full, on every rank
-        if ctx.is_main:
-            save_prepared(prepared, output)
+    held_out_metrics = (
+        functools.partial(evaluate, examples=held_out.examples) if held_out is not None else None
+    )
+    after = scaffold.evaluate_and_save(model, prepared, cfg, ctx, held_out_metrics)
     if ctx.is_main:
         if after is not None:
             say(f"after:  {format_metrics(after)}")
