@@ -35,6 +35,18 @@ def torchrun(out, *args, nproc=2, timeout=180, check=True, extra_launch=()):
     return res
 
 
+def train_cli_fsdp(out, opts: dict, timeout=240):
+    """`torchrun --nproc_per_node 2 -m lorakit train --output OUT --batch-size 2 --distributed fsdp` with `opts`
+    as flags; asserts it succeeded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "lorakit", "train", "--output", str(out), "--batch-size", "2", "--distributed", "fsdp"]  # fmt: skip
+    for k, v in opts.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
 def adapter(path):
     return load_file(str(path / "adapter" / "adapter_model.safetensors"))
 
@@ -211,12 +223,7 @@ def test_lorakit_train_under_fsdp_equals_one_process(tmp_path):
     opts = dict(model=str(base), data=str(train), eval_data=str(held_out), rank=4, steps=4, lr=2e-2,
                 eval_every=2, loss_chunk=16, grad_accum=1)  # fmt: skip
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "lorakit", "train", "--output", str(out), "--batch-size", "2", "--distributed", "fsdp"]  # fmt: skip
-    for k, v in opts.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-4000:]
+    train_cli_fsdp(out, opts)
     one = run(TrainConfig(output=str(tmp_path / "one"), batch_size=4, **opts))
     two = json.loads((out / "results.json").read_text())
     for when in ("before", "after"):  # evaluated in batches of 2 (FSDP) and 4 (one process)

@@ -5,8 +5,6 @@ under FSDP (evaluation and the saved adapter). The same harness as tests/test_di
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -14,8 +12,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.train import checkpoint
 from lorakit.train.loop import fit
-from test_distributed import adapter, torchrun
-from test_train_resume import assert_same, env
+from test_distributed import adapter, torchrun, train_cli_fsdp
+from test_train_resume import assert_same
 from train_tiny import config, model_with_adapter, preference_examples
 
 STEPS = 4
@@ -94,12 +92,7 @@ def test_lorakit_train_dpo_under_fsdp_equals_one_process(tmp_path):
     opts = dict(model=str(base), data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "eval.jsonl"),
                 mode="dpo", rank=4, steps=3, lr=2e-2, warmup=0.0, eval_every=2, grad_accum=1)  # fmt: skip
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "lorakit", "train", "--output", str(out), "--batch-size", "2", "--distributed", "fsdp"]  # fmt: skip
-    for k, v in opts.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-4000:]
+    train_cli_fsdp(out, opts)
     one = run(TrainConfig(output=str(tmp_path / "one"), batch_size=4, **opts))
     two = json.loads((out / "results.json").read_text())
     for when in ("before", "after"):
