@@ -401,20 +401,30 @@ def _layers_changed(model: nn.Module) -> None:
 def link_fused(model: nn.Module) -> None:
     """Group the sibling projections that read one input (fast/fused.py FUSED_SETS) into FusedGroups, so
     training runs each group as one call of the hand-derived Function. Explicit state, set when layers
-    change; a group's members need not all carry adapters (those without one compute alone)."""
+    change: the groups made before are unlinked (their hooks on the parent removed), the new ones linked to
+    their parent module, whose call opens and closes the group's hand-over (fused.Scope); the model keeps
+    them in `lorakit_fused`. A group's members need not all carry adapters (those without one compute
+    alone)."""
+    for group in model.__dict__.pop("lorakit_fused", ()):
+        group.unlink()
     by_parent: dict[str, dict[str, LinearLike]] = {}
     for path, layer in lora_layers(model):
         layer.fused = None
         parent, _, leaf = path.rpartition(".")
         if isinstance(layer, LinearLike) and not any(c in parent for c in CROSS_ATTENTION_NAMES):
             by_parent.setdefault(parent, {})[leaf] = layer
-    for siblings in by_parent.values():
+    groups = []
+    for parent, siblings in by_parent.items():
         for names in FUSED_SETS:
             members = [siblings[n] for n in names if n in siblings]
             if len(members) > 1 and len({m._in_out()[0] for m in members}) == 1:
                 group = FusedGroup(members)
+                group.link(model.get_submodule(parent))
+                groups.append(group)
                 for m in members:
                     m.fused = group
+    if groups:
+        model.__dict__["lorakit_fused"] = groups
 
 
 class ParamCount(NamedTuple):

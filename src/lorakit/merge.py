@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from . import param_lora
-from .adapters import active_adapters, adapter_layers, adapter_records, lora_layers, replace_module
+from .adapters import active_adapters, adapter_layers, adapter_records, link_fused, lora_layers, replace_module
 from .inject import model_modules, tied_to
 from .layers import LoraLayer, unwrap, unwrap_saved
 
@@ -116,4 +116,5 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     adapter_records(model).clear()
     model.__dict__["lorakit_active"] = []
     model.__dict__.pop("lorakit_slots", None)  # slots.RowSlots: nothing left to serve per row
+    link_fused(model)  # no LoRA layer left: the fused groups' hooks come off their parents
     return model
