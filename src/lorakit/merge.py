@@ -6,7 +6,14 @@ import torch
 import torch.nn as nn
 
 from . import param_lora
-from .adapters import active_adapters, adapter_layers, adapter_records, link_fused, lora_layers, replace_module
+from .adapters import (
+    active_adapters,
+    adapter_layers,
+    adapter_records,
+    link_fused,
+    lora_layers,
+    replace_module,
+)
 from .inject import model_modules, tied_to
 from .layers import LoraLayer, unwrap, unwrap_saved
 
