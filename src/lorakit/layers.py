@@ -13,7 +13,7 @@ State is explicit: `active` (adapter names whose delta is added), `merged` (name
 `disabled`, `fused` (the sibling projections reading the same input, set by adapters.link_fused),
 `recompute_input` (training rebuilds the input in backward instead of saving it, fast/recompute.py). Per-row
 adapters come from the one mapping of the step (rowstate.current(), set by `per_row_adapters`). Nothing in
-forward changes any of it.
+forward changes any of it. Which path a call takes (per-row, fast, plain) is layer_paths.py's.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from . import fast, rowstate
 from . import functional as LF
-from .fast import rows as fast_rows
+from . import rowstate
 from .fingerprint import weight_digest
+from .layer_paths import FastLinearPath, RowsPath
 from .variants import LoraVariant, variant_for
 from .weights import LoraWeights, TokenWeights
 
 
-class LoraLayer:
-    """Mixin with the adapter bookkeeping shared by every Lora* layer. Subclasses implement the math hooks:
+class LoraLayer(RowsPath):
+    """Mixin with the adapter bookkeeping shared by every Lora* layer (its per-row path: layer_paths.py).
+    Subclasses implement the math hooks:
 
     - `_init_weights(r, alpha, use_rslora, dropout, init, dtype) -> LoraWeights`
     - `_lora_branch(w, x) -> Tensor`: what plain LoRA factors w add to the output for input x
@@ -141,31 +142,6 @@ class LoraLayer:
                 y = y + w.variant.branch(self, w, x, y).to(y.dtype)
         return y
 
-    def _forward_rows(self, mapping, x: Tensor, y: Tensor) -> Tensor:
-        """y (the base output for x) plus, on each batch row, that row's adapter (`mapping`: slots.RowMapping).
-
-        Trainable tokens first (as forward applies them), then LoRA: under no_grad from the per-row slots
-        (stacked or by runs, fast/rows.py), with gradients from the adapters' own tensors, out of place.
-        """
-        for name, rows in mapping.groups.items():
-            if name in self.tokens:
-                ys = self._apply_tokens(self.tokens[name], x.index_select(0, rows), y.index_select(0, rows))
-                y = y.index_copy(0, rows, ys)
-        slots = mapping.slots.layer_slots(self)
-        if slots is not None and not torch.is_grad_enabled():
-            return fast_rows.add_rows_(y, x, slots, mapping, self.bias)
-        for name, rows in mapping.groups.items():
-            if name not in self.lora:
-                continue
-            w = self.lora[name]
-            xs, ys = x.index_select(0, rows), y.index_select(0, rows)
-            if torch.is_grad_enabled():
-                y = y.index_add(0, rows, w.variant.branch(self, w, xs, ys).to(y.dtype))
-            else:
-                w.variant.add_(self, w, ys, xs)
-                y.index_copy_(0, rows, ys)
-        return y
-
     def _apply_tokens(self, t: TokenWeights, x: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -236,75 +212,12 @@ def _init_A(shape: tuple[int, ...], r: int, init: str, dtype, device) -> Tensor:
     return A
 
 
-class LinearLike(LoraLayer):
+class LinearLike(FastLinearPath, LoraLayer):
     """The math of a Linear-shaped layer: y = base(x) + Σ s · (x Aᵀ) Bᵀ. x (..., in) -> (..., out).
 
-    forward takes a fast path (lorakit.fast) wherever one applies, else the plain path of LoraLayer:
-    - no gradient needed: the base output, then each live adapter's no-grad `add_` in place;
-    - training one plain LoRA adapter on a frozen float nn.Linear / Conv1D: the hand-derived Function,
-      fused with the sibling projections that read the same x (`fused`, fast/fused.py).
+    forward takes a fast path (lorakit.fast) wherever one applies, else the plain path of LoraLayer: the
+    choice is layer_paths.FastLinearPath's.
     """
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # torch.compile traces the plain path (functional.lora_linear): it compiles without graph breaks.
-        if torch.compiler.is_compiling() or args or kwargs or not fast.enabled() or self.disabled:
-            return super().forward(x, *args, **kwargs)
-        if rowstate.current() is not None:
-            return super().forward(x, *args, **kwargs)
-        live = self.live_adapters()
-        if not live or any(n in self.tokens for n in live):
-            return super().forward(x, *args, **kwargs)
-        ws = [self.lora[n] for n in live]
-        if not self._needs_grad(x, ws):
-            if self.training and any(w.dropout > 0 for w in ws):
-                return super().forward(x)  # dropout in train mode without grad: rare; the plain path draws it
-            y = self.base_class.forward(self, x)  # the exact base output (quantized bases included)
-            for w in ws:
-                w.variant.add_(self, w, y, x)
-            return y
-        if not self.fast_trainable(x):
-            return super().forward(x)
-        if self.fused is not None:
-            return self.fused.forward(self, x)
-        p, conv1d = self.train_dropout(), self._conv1d()
-        return fast.lora_linear_train(x, [self.train_factors()], p, conv1d, self.recompute_input)[0]
-
-    def _needs_grad(self, x: Tensor, ws: list[LoraWeights]) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        if (
-            x.requires_grad
-            or self.weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad)
-        ):
-            return True
-        return any(p.requires_grad for w in ws for p in w.parameters())
-
-    def fast_trainable(self, x: Tensor) -> bool:
-        """Whether the hand-derived Function computes this layer for x now: exactly one live adapter, of a
-        variant it supports, no trainable tokens, a frozen float base of the plain class, no autocast."""
-        live = self.live_adapters()
-        W = self.weight
-        return (
-            len(live) == 1
-            and live[0] in self.lora
-            and not self.tokens
-            and self.lora[live[0]].variant.fast_train
-            and self.base_class in (nn.Linear, Conv1D)  # a quantized subclass keeps its own forward
-            and not W.requires_grad
-            and W.is_floating_point()
-            and x.dtype == W.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
-
-    def train_factors(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
-        """(W (out, in), b, A, B, scale) of the one live adapter, for fast.lora_linear_train."""
-        w = self.lora[self.live_adapters()[0]]
-        W = self.weight.t() if self._conv1d() else self.weight
-        return W, self.bias, w.A, w.B, w.scale
-
-    def train_dropout(self) -> float:
-        return self.lora[self.live_adapters()[0]].dropout if self.training else 0.0
 
     def _conv1d(self) -> bool:
         return self.base_class is Conv1D
