@@ -28,6 +28,22 @@ def register(sub) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a training run (shared with `lorakit sweep`); all default to None = not given."""
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="options as YAML; flags override it")
+    _data_and_adapter_arguments(p)
+    _optimisation_arguments(p)
+    _objective_arguments(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
+    g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
+    g.add_argument(
+        "--distributed", choices=DISTRIBUTED, help="under torchrun: ddp (default) or fsdp (base sharded)"
+    )
+    add_everyday_arguments(p)
+    _show_defaults(p)
+
+
+def _data_and_adapter_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="'default', a local HF model directory or a .gguf file")
     g.add_argument("--data", help="training rows: .jsonl, .csv or .parquet (none: the embedded demo)")
@@ -56,6 +72,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--target-parameters",
         help="parameters to adapt too, e.g. fused MoE experts: mlp.experts.down_proj,...",
     )
+
+
+def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
@@ -77,6 +96,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (training)")
     g.add_argument("--seed", type=int, help="seed of the adapter init, data order and dropout")
+
+
+def _objective_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preference (dpo, orpo, kto)")
     g.add_argument("--beta", type=float, help="preference strength beta (default 0.1)")
     g.add_argument("--loss-type", choices=LOSS_TYPES, help="dpo: sigmoid (DPO), ipo or hinge")
@@ -101,16 +123,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--epsilon", type=float, help="clip the ratio to [1 - epsilon, 1 + epsilon] (default 0.2)")
     g.add_argument("--epsilon-high", type=float, help="the clip's upper epsilon (default: --epsilon)")
-    g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, help="steps between held-out loss evaluations (0: at the end)")
-    g.add_argument("--save-every", type=int, help="steps between checkpoints (0: none)")
-    g.add_argument("--log-every", type=int, help="steps between progress lines when not on a terminal")
-    g.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT/checkpoint")
-    g.add_argument(
-        "--distributed", choices=DISTRIBUTED, help="under torchrun: ddp (default) or fsdp (base sharded)"
-    )
-    add_everyday_arguments(p)
-    _show_defaults(p)
 
 
 def add_everyday_arguments(p: argparse.ArgumentParser) -> None:
