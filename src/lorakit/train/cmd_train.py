@@ -95,6 +95,15 @@ def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
         "the model keeps packed rows apart; --no-packing: pad every micro-batch)",
     )  # fmt: skip
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (training)")
+    g.add_argument(
+        "--recompute-inputs", action=argparse.BooleanOptionalAction, default=None,
+        help="rebuild each LoRA layer's input in backward from what the base keeps; "
+        "--no-recompute-inputs: save it (more memory, faster on some machines)",
+    )  # fmt: skip
+    g.add_argument(
+        "--offload-activations", action="store_true", default=None,
+        help="keep what backward needs in CPU memory during the step (GPU training; refused on cpu)",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, help="seed of the adapter init, data order and dropout")
 
 

@@ -69,6 +69,12 @@ class TrainConfig:
         temperature / max_new_tokens: grpo: the rollouts' sampling temperature and length limit.
         grpo_iterations: grpo: μ, optimizer updates per rollout batch (TRL's num_iterations; one lorakit step).
         epsilon / epsilon_high: grpo: the ratio's clip range [1 - epsilon, 1 + epsilon_high] (None: epsilon).
+        recompute_inputs: each LoRA layer rebuilds its input in backward from what the base keeps, where its
+            producer is recognised (lorakit.fast.recompute); False: every layer saves its input (more memory,
+            faster on some machines). Numerics are the same either way.
+        offload_activations: what autograd keeps for backward goes to CPU memory during each micro-batch's
+            forward and comes back in backward (lorakit.fast.offload, bit for bit); for accelerators:
+            `lorakit train` refuses it on a CPU device (nothing to gain) and under FSDP.
     """
 
     model: str = "default"
@@ -128,6 +134,9 @@ class TrainConfig:
     grpo_iterations: int = 1
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    # memory for time (issue 11): LoRA inputs rebuilt in backward or saved; activations offloaded to CPU
+    recompute_inputs: bool = True
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -295,6 +304,7 @@ _INTS = ("rank", "batch_size", "grad_accum", "max_len", "eval_every", "save_ever
          "loss_chunk", "steps")  # fmt: skip
 _NUMBERS = ("alpha", "dropout", "epochs", "lr", "warmup", "weight_decay", "max_grad_norm")
 _FLAGS = ("gradient_checkpointing", "resume", "train_embeddings", "skip_bad_rows")
+_FLAGS += ("recompute_inputs", "offload_activations")
 _STRINGS = ("model", "data", "eval_data", "output", "mode", "quantize", "new_tokens", "dtype")
 
 

@@ -21,6 +21,7 @@ import functools
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 import torch
 
 from ..data import collate, pad_id_of
+from ..fast import offload_activations, set_recompute
 from ..losses import causal_lm_loss
 from . import distributed, optim, packing, scaffold, tracking
 from .compile import compiled
@@ -64,6 +66,7 @@ def run(cfg: TrainConfig, stream: TextIO | None = None) -> dict[str, Any]:
 
         ctx = replace(ctx, device=resolve_device(cfg.device))
     try:
+        _check_offload(cfg, ctx.device)  # before the model loads
         return _run(cfg, ctx, stream or sys.stderr)
     finally:
         distributed.close(ctx)
@@ -287,6 +290,13 @@ class _Run(RunRecords):
         # packing.plan's attention weight; below ~512 wide, per-op overhead, not attention, dominates a step.
         self.attention = 1.0 / (6 * max(512, hidden)) if isinstance(hidden, int) else 0.0
         self.log: MetricsLog | None = None
+        # Memory for time, per option (numerics unchanged): LoRA inputs rebuilt in backward or saved; what
+        # autograd keeps offloaded to CPU memory during each micro-batch's forward (back in backward).
+        _check_offload(cfg)
+        set_recompute(model, cfg.recompute_inputs)
+        self.offload = (
+            functools.partial(offload_activations, model) if cfg.offload_activations else nullcontext
+        )
         self.progress: Progress | None = None
         self.t0 = time.perf_counter()
 
@@ -359,7 +369,8 @@ class _Run(RunRecords):
         # are summed over ranks once, in the last micro-batch's backward.
         for m, fn in enumerate(steps):
             with self.engine.micro_step(last=m == len(steps) - 1):
-                s, _, *sums = self.engine.run(fn)
+                with self.offload():
+                    s, _, *sums = self.engine.run(fn)
                 (s / n_loss).backward()
             for k, v in (sums[0] if sums else {}).items():
                 extra[k] = extra.get(k, 0.0) + v
@@ -377,6 +388,22 @@ class _Run(RunRecords):
 
 
 # -- the pieces the loop uses --------------------------------------------------------------------------------
+
+
+def _check_offload(cfg: TrainConfig, device: torch.device | None = None) -> None:
+    """--offload-activations is refused under FSDP (offload_activations tells parameters from activations by
+    their storage, which FSDP2's sharded DTensor parameters do not expose) and, given the run's `device`, on
+    a CPU: the activations are in CPU memory already, so the copies would cost time and free nothing. (`fit`
+    itself offloads on any device: on a CPU it copies, exactly, as fast.offload_activations does.)"""
+    if not cfg.offload_activations:
+        return
+    if cfg.distributed == "fsdp":
+        raise ValueError("--offload-activations with --distributed fsdp is not supported: use ddp or drop it")
+    if device is not None and torch.device(device).type == "cpu":
+        raise ValueError(
+            "--offload-activations moves what backward needs from an accelerator to CPU memory, but this run "
+            "trains on cpu, where it is already: drop the flag (or train on a GPU, --device cuda)"
+        )
 
 
 def _loss_tokens(example) -> int:
