@@ -57,7 +57,7 @@ class LayerSlots:
 
     def write(self, i: int, A: Tensor, sB: Tensor, factor: Tensor | None) -> None:
         """Slot i := (A (r, in), s·B (out, r), DoRA factor (out,) or None). r <= rmax."""
-        self.reset(i)
+        self.reset(i)  # (a no-op on an empty slot, which is all zeros)
         c, r = i * self.rmax, A.shape[0]
         self.A[c : c + r].copy_(A)
         self.B[:, c : c + r].copy_(sB)
@@ -69,9 +69,12 @@ class LayerSlots:
             self.rescaled[i] = True
 
     def reset(self, i: int) -> None:
+        """Slot i := empty. Only its first ranks[i] columns can be non-zero (write keeps the rest zero)."""
+        if not self.ranks[i] and not self.rescaled[i]:
+            return
         c = i * self.rmax
-        self.A[c : c + self.rmax].zero_()
-        self.B[:, c : c + self.rmax].zero_()
+        self.A[c : c + self.ranks[i]].zero_()
+        self.B[:, c : c + self.ranks[i]].zero_()
         self.ranks[i] = 0
         self.rescaled[i] = False
         if self.row_factor is not None:
@@ -132,6 +135,7 @@ class RowSlots:
         self.names: list[str | None] = [None] * capacity
         self._layers: dict[LoraLayer, LayerSlots] = {}
         self._written: dict[str, SlotContent] = {}  # adapters written by `write` (not on the model), resident
+        self._hosted: dict[str, nn.Module] = {}  # path -> wrapped module, as `host` last found it
         self.members: set[nn.Module] = set()
         self.refresh()
         if attach:
@@ -202,9 +206,13 @@ class RowSlots:
         layer; "lora_copies": a SavedModule). A wrapper of the other kind holding nothing is undone first.
         Raises RuntimeError when that wrapper still holds an adapter, TypeError for a module kind LoRA
         cannot wrap."""
-        module = self.model.get_submodule(path)
         want = SavedModule if store == "lora_copies" else LoraLayer
+        module = self._hosted.get(path)
+        if isinstance(module, want):  # (emptied by refresh whenever layers change)
+            return module
+        module = self.model.get_submodule(path)
         if isinstance(module, want):
+            self._hosted[path] = module
             return module
         if isinstance(module, LoraLayer | SavedModule):
             if not self._empty(module):
@@ -252,6 +260,7 @@ class RowSlots:
         whose modules were unwrapped meanwhile (another adapter deleted) is written again."""
         present = {layer for _, layer in adapter_layers(self.model)}
         self.members = present
+        self._hosted = {}
         self._layers = {layer: s for layer, s in self._layers.items() if layer in present}
         known = set(self.model.__dict__.get("lorakit_adapters", {}))
         for n in [n for n in self.names if n is not None and n not in known and n not in self._written]:
@@ -268,9 +277,13 @@ class RowSlots:
         """The step's RowMapping for batch rows `names` (each resident, or None). Raises KeyError otherwise."""
         return RowMapping(self, names)
 
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the model's weights (its layers as of the last refresh)."""
+        return any(getattr(layer, "merged", None) for layer in self.members)
+
     def _claim(self, name: str, index: int | None) -> int:
         """The slot `name` goes to (see `load`), emptied of what it held."""
-        if any(layer.merged for _, layer in lora_layers(self.model)):
+        if self.merged():
             raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
         current = self.index_of(name)
         if index is None:
@@ -378,7 +391,7 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     for n in names:
         if n is not None and not (slots is not None and slots.is_written(n)) and get_adapter(model, n).param_targets:
             raise RuntimeError(f"adapter {n!r} adapts parameters (target_parameters): not per-row")
-    if any(layer.merged for _, layer in lora_layers(model)):
+    if slots.merged() if slots is not None else any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
     distinct = list(dict.fromkeys(n for n in names if n is not None))
     if slots is None:
