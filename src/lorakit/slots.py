@@ -216,7 +216,9 @@ class RowSlots:
             return module
         if isinstance(module, LoraLayer | SavedModule):
             if not self._empty(module):
-                raise RuntimeError(f"module {path!r} holds another adapter of another kind; it cannot hold both")
+                raise RuntimeError(
+                    f"module {path!r} holds another adapter of another kind; it cannot hold both"
+                )
             module = unwrap(module) if isinstance(module, LoraLayer) else unwrap_saved(module)
         new = wrap_saved(module) if want is SavedModule else wrap(module)
         replace_module(self.model, path, new)
@@ -389,7 +391,11 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     """
     slots = attached_slots(model)
     for n in names:
-        if n is not None and not (slots is not None and slots.is_written(n)) and get_adapter(model, n).param_targets:
+        if (
+            n is not None
+            and not (slots is not None and slots.is_written(n))
+            and get_adapter(model, n).param_targets
+        ):
             raise RuntimeError(f"adapter {n!r} adapts parameters (target_parameters): not per-row")
     if slots.merged() if slots is not None else any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")

@@ -36,13 +36,17 @@ def slot_content(slots: RowSlots, prepared: PreparedAdapter) -> SlotContent:
             layer = slots.host(path, "lora")
             w = _weights(layer, path, found, prepared)
             if isinstance(layer, LinearLike):
-                factors[path] = tuple(None if t is None else t.detach().cpu() for t in w.variant.slot_factors(layer, w))
+                factors[path] = tuple(
+                    None if t is None else t.detach().cpu() for t in w.variant.slot_factors(layer, w)
+                )
             else:  # an Embedding / Conv2d: per-row serving reads the layer's own record (layers._forward_rows)
                 records.setdefault(path, []).append(("lora", w))
         for path, (ids, values) in prepared.plan.tokens.items():
             layer = slots.host(path, "tokens")
             dtype = adapter_dtype(layer.weight)
-            t = TokenWeights(list(ids), values.to(layer.weight.device, dtype, copy=True), layer.weight.shape[0])
+            t = TokenWeights(
+                list(ids), values.to(layer.weight.device, dtype, copy=True), layer.weight.shape[0]
+            )
             records.setdefault(path, []).append(("tokens", t))
             if isinstance(layer, nn.Embedding):  # a tied head reads the same rows: the same record
                 for head, _ in tied_heads(slots.model, path):
@@ -58,7 +62,9 @@ def slot_content(slots: RowSlots, prepared: PreparedAdapter) -> SlotContent:
                         shared = _tied_copy(slots.host(head, "lora_copies"), own)
                         records.setdefault(head, []).append(("lora_copies", shared))
     nbytes = sum(t.numel() * t.element_size() for f in factors.values() for t in f if t is not None)
-    nbytes += sum(t.numel() * t.element_size() for rs in records.values() for _, r in rs for t in r.parameters())
+    nbytes += sum(
+        t.numel() * t.element_size() for rs in records.values() for _, r in rs for t in r.parameters()
+    )
     return SlotContent(factors, records, nbytes)
 
 
