@@ -298,6 +298,12 @@ class RowSlots:
             self.evict(self.names[index])
         return index
 
+    def reserve(self, content: SlotContent) -> None:
+        """Room for `content`'s rank in every slot now (as vLLM's max_lora_rank, fixed before serving), so the
+        stacks keep one shape whichever adapters are resident, and an adapter's outputs do not depend on
+        which others were written before it."""
+        self._fit(max((A.shape[0] for A, _, _ in content.factors.values()), default=0))
+
     def _fit(self, rank: int) -> None:
         if rank > self.rmax:
             self.rmax = rank

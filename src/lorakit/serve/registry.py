@@ -316,7 +316,9 @@ class AdapterRegistry:
         _check_servable(name, prepared, self.model)
         footprint = _footprint(prepared, self.model)
         self._check_coexists(name, footprint)
-        return _Cached(slot_content(self.slots, prepared), stamp), footprint
+        content = slot_content(self.slots, prepared)
+        self.slots.reserve(content)  # the stacks' shape fixed by the registered adapters, not the resident ones
+        return _Cached(content, stamp), footprint
 
     def _remember(self, name: str, cached: _Cached) -> None:
         with self._lock:

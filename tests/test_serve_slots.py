@@ -1,0 +1,170 @@
+"""Many adapters over few slots: making an adapter resident writes its slot (no adapter record, no re-wrapping),
+evicting zeroes it; reloads give a fresh server's outputs exactly, an evicted slot keeps nothing of its last
+adapter, and admission prefers resident adapters without starving the others (driven step by step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+from lorakit.models import load_model
+from lorakit.serve import AdapterRegistry, Engine, Request
+
+KINDS = {
+    "big": dict(r=8, alpha=16, targets="all-linear"),
+    "dora": dict(r=4, alpha=8, targets="all-linear", use_dora=True),
+    "tok": dict(r=2, alpha=4, targets=["q_proj"], trainable_token_indices=[5, 6, 7]),
+    "emb": dict(r=2, alpha=4, targets=["embed_tokens", "v_proj"]),  # LoRA on an Embedding: a layer record
+    "norm": dict(r=2, alpha=4, targets=["q_proj"], modules_to_save=["model.norm"]),
+}
+PROMPT = [1, 5, 9, 6, 22, 7, 40, 41, 5]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slots")
+    model_dir = tmp / "tiny"
+    base = tiny_llama(seed=0, tie=True)  # a tied head: trainable tokens reach it through the embedding
+    base.generation_config.eos_token_id = 2
+    base.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    dirs = {}
+    for i, (name, kw) in enumerate(KINDS.items()):
+        m = tiny_llama(seed=0, tie=True)
+        lorakit.add_adapter(m, lorakit.LoraConfig(**kw))
+        randomize_adapters(m, std=0.3, seed=20 + i)
+        dirs[name] = lorakit.save_adapter(m, tmp / "adapters" / name)
+    return model_dir, dirs
+
+
+def _registry(setup, max_loaded):
+    model_dir, dirs = setup
+    model, tok = load_model(str(model_dir))
+    reg = AdapterRegistry(model, "tiny", max_loaded=max_loaded)
+    for n, d in dirs.items():
+        reg.add(n, d, load=False)
+    return reg, tok
+
+
+def _logits(reg, name):
+    """Rows [name, base] of one per-row forward (what the engine runs)."""
+    ids = torch.tensor([PROMPT] * 2)
+    with torch.no_grad(), lorakit.per_row_adapters(reg.model, [name, None]):
+        return reg.model(input_ids=ids).logits
+
+
+def test_evict_and_reload_equal_a_fresh_server_exactly(setup):
+    """2 slots, 5 adapters of every kind cycled so each is evicted and written again (into either slot, beside
+    various others): every forward equals, bit for bit, a fresh server's first forward for that adapter."""
+    fresh = {}
+    for n in KINDS:
+        reg, _ = _registry(setup, 2)
+        assert reg.acquire(n)
+        fresh[n] = _logits(reg, n)
+    assert all(not torch.equal(fresh[n][0], fresh[n][1]) for n in KINDS)  # each changes its row
+    reg, _ = _registry(setup, 2)
+    seen = set()
+    for n in ["big", "dora", "tok", "big", "emb", "norm", "dora", "tok", "emb", "norm", "big", "tok"]:
+        assert reg.acquire(n)
+        seen.add((n, reg.slots.index_of(n)))
+        got = _logits(reg, n)
+        reg.release(n)
+        assert torch.equal(got, fresh[n]), n
+    assert lorakit.adapter_records(reg.model) == {}  # resident in slots only
+    assert reg.loads == 12 and reg.evictions == 10 and reg.disk_reads == len(KINDS)
+    assert {n for n, i in seen if (n, 1 - i) in seen}  # an adapter came back in the other slot
+
+
+def test_an_evicted_slot_keeps_nothing_of_its_last_adapter(setup):
+    """After "big" (rank 8 on every linear layer) leaves its slot for "norm" (rank 2 on q_proj, a norm copy):
+    every other layer's slot is all zeros, q_proj's past rank 2 too; "big" cannot be named any more; the
+    records of "tok" (its token rows on the embedding and the tied head) leave with it."""
+    reg, _ = _registry(setup, 1)
+    for n in ("big", "norm"):
+        assert reg.acquire(n)
+        reg.release(n)
+    slots = reg.slots
+    assert slots.names == ["norm"] and slots.rmax == 8
+    for path, layer in lorakit.adapters.lora_layers(reg.model):
+        s = slots.layer_slots(layer)
+        if s is None:
+            continue
+        r = 2 if path.endswith("q_proj") else 0
+        assert s.ranks == [r] and not s.A[r:].any() and not s.B[:, r:].any(), path
+        assert s.A[:r].any() == bool(r)
+    with pytest.raises(KeyError, match="big"):
+        _logits(reg, "big")
+    fresh, _ = _registry(setup, 1)
+    assert fresh.acquire("norm")
+    assert torch.equal(_logits(reg, "norm"), _logits(fresh, "norm"))
+    assert reg.acquire("tok")
+    emb, head = reg.model.get_input_embeddings(), reg.model.get_output_embeddings()
+    assert emb.tokens["tok"] is head.tokens["tok"]
+    reg.release("tok")
+    assert reg.acquire("norm")  # evicts tok
+    assert "tok" not in emb.tokens and "tok" not in head.tokens
+    assert "tok" not in reg.model.get_submodule("model.norm").lora_copies
+
+
+def _drive(eng, rounds, stream):
+    """`rounds` turns of the engine loop (never started: deterministic), 2 requests of `stream` submitted
+    before each."""
+    with torch.inference_mode():
+        for _ in range(rounds):
+            eng.submit(next(stream))
+            eng.submit(next(stream))
+            eng._iterate()
+
+
+def test_admission_prefers_resident_adapters_and_bounds_the_wait(setup):
+    """2 slots holding "big" and "dora", a steady stream of requests for them, and one for "norm" first in
+    line: requests of resident adapters go first (no load), and "norm" waits for exactly `max_passed` of
+    them, then is admitted before any later one; without a bound it would wait as long as the stream lasts."""
+    outcomes = {}
+    for bound in (3, 10_000):
+        reg, tok = _registry(setup, 2)
+        for n in ("big", "dora"):
+            assert reg.acquire(n)
+            reg.release(n)
+        eng = Engine(reg.model, tok, reg, max_batch=2, max_passed=bound)
+        x = Request(PROMPT, "norm", 1, temperature=0)
+        stream = iter(Request(PROMPT, ("big", "dora")[i % 2], 1, temperature=0) for i in range(1000))
+        eng.submit(x)
+        loads = reg.loads
+        _drive(eng, 1, stream)
+        assert reg.loads == loads and x.passed == 2 and not x.done.is_set()  # both rows without a load
+        _drive(eng, 6, stream)
+        outcomes[bound] = (x.done.is_set(), x.passed, x.finish_reason, x.output_ids)
+    assert outcomes[3][:3] == (True, 3, "length") and len(outcomes[3][3]) == 1
+    assert outcomes[10_000][:2] == (False, 14)  # passed over by every one of the 14 others
+
+
+def test_a_request_passed_over_too_often_waits_only_for_running_rows(setup):
+    """Both slots pinned by running rows (many tokens each) and the batch has room: once the waiting "norm"
+    request was passed over `max_passed` times nothing behind it is admitted, so the rows drain, a slot frees
+    and it runs; the others follow. Every output equals the one the request gets alone."""
+    reg, tok = _registry(setup, 2)
+    eng = Engine(reg.model, tok, reg, max_batch=4, max_passed=2)
+    running = [Request(PROMPT, n, 6, temperature=0, ignore_eos=True) for n in ("big", "dora")]
+    x = Request(PROMPT, "norm", 3, temperature=0, ignore_eos=True)
+    later = [Request(PROMPT, n, 2, temperature=0, ignore_eos=True) for n in ("big", "dora", "big", "dora")]
+    for r in [*running, x, *later]:
+        eng.submit(r)
+    admitted_before_x = 0
+    with torch.inference_mode():
+        for _ in range(40):
+            eng._iterate()
+            if x.first_token is None:
+                admitted_before_x = sum(r.first_token is not None for r in later)
+    assert x.passed == 2 and admitted_before_x == 2  # two got ahead of it, no more
+    reqs = [*running, x, *later]
+    assert all(r.finish_reason == "length" for r in reqs)
+    for r in reqs:
+        alone, _ = _registry(setup, 2)
+        with Engine(alone.model, tok, alone, max_batch=1) as solo:
+            want = solo.generate(
+                [Request(PROMPT, r.adapter, r.max_tokens, temperature=0, ignore_eos=True)], 60
+            )
+        assert r.output_ids == want[0].output_ids, r.adapter
