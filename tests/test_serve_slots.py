@@ -4,6 +4,9 @@ adapter, and admission prefers resident adapters without starving the others (dr
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 import torch
 
@@ -168,3 +171,36 @@ def test_a_request_passed_over_too_often_waits_only_for_running_rows(setup):
                 [Request(PROMPT, r.adapter, r.max_tokens, temperature=0, ignore_eos=True)], 60
             )
         assert r.output_ids == want[0].output_ids, r.adapter
+
+
+def test_new_tokens_beyond_the_vocabulary_are_refused_at_registration_naming_them(setup, tmp_path):
+    """An adapter trained with 2 new tokens (ids 128, 129 of a grown embedding) on a base of 128 rows: one
+    shared embedding cannot grow per row, so registering it fails at once (over HTTP a 400), naming the
+    adapter and the ids; nothing is registered."""
+    from lorakit.vocab import grow_embeddings
+
+    model_dir, _ = setup
+    m = tiny_llama(seed=0, tie=True)
+    assert grow_embeddings(m, 130) == [128, 129]
+    lorakit.add_adapter(m, lorakit.LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[5, 128, 129]))
+    randomize_adapters(m, std=0.3, seed=3)
+    lorakit.save_adapter(m, tmp_path / "grown")
+    model, tok = load_model(str(model_dir))
+    reg = AdapterRegistry(model, "tiny", root=tmp_path, max_loaded=2)
+    with pytest.raises(ValueError, match=r"adapter 'grown': .*\[128, 129\] are outside .*beyond .* of 128"):
+        reg.add("grown", tmp_path / "grown")
+    assert reg.names() == []
+    r = asyncio.run(_post_adapter(Engine(model, tok, reg), reg, {"name": "grown", "path": "grown"}))
+    assert r.status_code == 400 and "adapter 'grown'" in r.text and "[128, 129]" in r.text, r.text
+    assert reg.names() == []
+
+
+async def _post_adapter(engine, reg, body):
+    """POST /v1/adapters to the app (its engine started here: the test transport runs no lifespan)."""
+    from lorakit.serve.app import create_app
+
+    app = create_app(engine, reg, "tiny")
+    with engine:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/adapters", json=body)

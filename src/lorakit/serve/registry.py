@@ -37,7 +37,7 @@ from lorakit.adapters import adapter_records
 from lorakit.adapters import check_adapter_name as check_library_name
 from lorakit.inject import tied_heads
 from lorakit.io import PreparedAdapter, prepare_adapter
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapter_from_bytes
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_dir, adapter_from_bytes
 from lorakit.slots import SlotContent
 
 from .files import FILES, AdapterAccessError, read_checked
@@ -312,12 +312,16 @@ class AdapterRegistry:
             files = read_checked(directory)
         where = source.path if source.confined else directory
         found = adapter_from_bytes(where, files[CONFIG_NAME], files[WEIGHTS_NAME])
-        prepared = prepare_adapter(self.model, found, name, ignore_fingerprint=self.ignore_fingerprint)
+        try:
+            prepared = prepare_adapter(self.model, found, name, ignore_fingerprint=self.ignore_fingerprint)
+        except AdapterFileError as err:  # named: a server registers many (POST /v1/adapters: a 400)
+            raise AdapterFileError(f"adapter {name!r}: {err}") from None
         _check_servable(name, prepared, self.model)
         footprint = _footprint(prepared, self.model)
         self._check_coexists(name, footprint)
         content = slot_content(self.slots, prepared)
-        self.slots.reserve(content)  # the stacks' shape fixed by the registered adapters, not the resident ones
+        # The stacks' shape is fixed by the registered adapters, not by which are resident.
+        self.slots.reserve(content)
         return _Cached(content, stamp), footprint
 
     def _remember(self, name: str, cached: _Cached) -> None:
