@@ -181,9 +181,9 @@ class RowSlots:
         for path, layer in layers.items():
             if not isinstance(layer, LinearLike):
                 raise TypeError(f"slot factors for {path!r}: a {type(layer).__name__} is not Linear-like")
-        for path, records in content.records.items():
-            for store, _ in records:
-                self.host(path, store)
+        holders = [
+            (self.host(path, store), store, r) for path, rs in content.records.items() for store, r in rs
+        ]
         index = self._claim(name, index)
         self._fit(max((A.shape[0] for A, _, _ in content.factors.values()), default=0))
         written = set()
@@ -193,10 +193,8 @@ class RowSlots:
         for layer, s in self._layers.items():
             if layer not in written:
                 s.reset(index)
-        for path, records in content.records.items():
-            module = self.model.get_submodule(path)
-            for store, record in records:
-                getattr(module, store)[name] = record
+        for module, store, record in holders:
+            getattr(module, store)[name] = record
         self.names[index] = name
         self._written[name] = content
         return index
