@@ -58,23 +58,30 @@ def _logits(reg, name):
         return reg.model(input_ids=ids).logits
 
 
+def _fresh(setup, name, index):
+    """A fresh server's rows [name, base] with `name` written into slot `index` (other adapters below it)."""
+    reg, _ = _registry(setup, 2)
+    for other in [n for n in KINDS if n != name][:index]:
+        assert reg.acquire(other)
+    assert reg.acquire(name) and reg.slots.index_of(name) == index
+    return _logits(reg, name)
+
+
 def test_evict_and_reload_equal_a_fresh_server_exactly(setup):
     """2 slots, 5 adapters of every kind cycled so each is evicted and written again (into either slot, beside
-    various others): every forward equals, bit for bit, a fresh server's first forward for that adapter."""
-    fresh = {}
-    for n in KINDS:
-        reg, _ = _registry(setup, 2)
-        assert reg.acquire(n)
-        fresh[n] = _logits(reg, n)
-    assert all(not torch.equal(fresh[n][0], fresh[n][1]) for n in KINDS)  # each changes its row
+    various others): every forward equals, bit for bit, a fresh server's first forward for that adapter in
+    that slot (and within float rounding in the other slot: a step's stacks end at its highest slot)."""
     reg, _ = _registry(setup, 2)
     seen = set()
     for n in ["big", "dora", "tok", "big", "emb", "norm", "dora", "tok", "emb", "norm", "big", "tok"]:
         assert reg.acquire(n)
-        seen.add((n, reg.slots.index_of(n)))
+        i = reg.slots.index_of(n)
+        seen.add((n, i))
         got = _logits(reg, n)
         reg.release(n)
-        assert torch.equal(got, fresh[n]), n
+        assert torch.equal(got, _fresh(setup, n, i)), n
+        torch.testing.assert_close(got, _fresh(setup, n, 1 - i), atol=1e-5, rtol=0)
+        assert not torch.equal(got[0], got[1])  # the adapter changes its row
     assert lorakit.adapter_records(reg.model) == {}  # resident in slots only
     assert reg.loads == 12 and reg.evictions == 10 and reg.disk_reads == len(KINDS)
     assert {n for n, i in seen if (n, 1 - i) in seen}  # an adapter came back in the other slot
@@ -109,6 +116,33 @@ def test_an_evicted_slot_keeps_nothing_of_its_last_adapter(setup):
     assert reg.acquire("norm")  # evicts tok
     assert "tok" not in emb.tokens and "tok" not in head.tokens
     assert "tok" not in reg.model.get_submodule("model.norm").lora_copies
+
+
+def test_a_step_multiplies_only_by_the_slots_up_to_its_highest(setup):
+    """4 slots, 3 resident: a step of base rows reads no stacks at all, one whose rows use slot 0 reads slot 0
+    alone, one using slot 2 reads slots 0-2; a row's logits agree across them (within float rounding)."""
+    reg, _ = _registry(setup, 4)
+    for n in ("big", "dora", "tok"):
+        assert reg.acquire(n)
+    layer = reg.model.get_submodule("model.layers.0.mlp.down_proj")
+    rmax = reg.slots.rmax
+    widths = {}
+    for names in ([None, None], ["big", None], ["big", "tok"]):
+        mapping = reg.slots.mapping(names)
+        view = mapping.slots.layer_slots(layer)
+        widths[tuple(names)] = None if view is None else (view.A.shape[0], view.B.shape[1])
+    assert widths == {(None, None): None, ("big", None): (rmax, rmax), ("big", "tok"): (3 * rmax, 3 * rmax)}
+    ids = torch.tensor([PROMPT] * 2)
+    with torch.no_grad():
+        with lorakit.per_row_adapters(reg.model, ["big", None]):
+            alone = reg.model(input_ids=ids).logits
+        with lorakit.per_row_adapters(reg.model, ["big", "tok"]):
+            wide = reg.model(input_ids=ids).logits
+        with lorakit.per_row_adapters(reg.model, [None, None]):
+            base = reg.model(input_ids=ids).logits
+    torch.testing.assert_close(alone[0], wide[0], atol=1e-5, rtol=0)
+    assert torch.equal(base[1], alone[1])  # a base row gives the base output, in a step with stacks or none
+    assert not torch.equal(base[1], wide[1])  # (row 1 of `wide` is tok's)
 
 
 def _drive(eng, rounds, stream):

@@ -54,10 +54,14 @@ class LayerSlots:
         self.ranks = [0] * capacity
         self.row_factor: Tensor | None = None
         self.rescaled = [False] * capacity  # slot i has a DoRA factor
+        self._views: dict[
+            int, LayerSlots
+        ] = {}  # narrowed(used), made when a step first asks; cleared on change
 
     def write(self, i: int, A: Tensor, sB: Tensor, factor: Tensor | None) -> None:
         """Slot i := (A (r, in), s·B (out, r), DoRA factor (out,) or None). r <= rmax."""
         self.reset(i)  # (a no-op on an empty slot, which is all zeros)
+        self._views.clear()
         c, r = i * self.rmax, A.shape[0]
         self.A[c : c + r].copy_(A)
         self.B[:, c : c + r].copy_(sB)
@@ -72,6 +76,7 @@ class LayerSlots:
         """Slot i := empty. Only its first ranks[i] columns can be non-zero (write keeps the rest zero)."""
         if not self.ranks[i] and not self.rescaled[i]:
             return
+        self._views.clear()
         c = i * self.rmax
         self.A[c : c + self.ranks[i]].zero_()
         self.B[:, c : c + self.ranks[i]].zero_()
@@ -85,6 +90,18 @@ class LayerSlots:
         c, r = i * self.rmax, self.ranks[i]
         factor = self.row_factor[i] if self.rescaled[i] else None
         return self.A[c : c + r], self.B[:, c : c + r], factor
+
+    def narrowed(self, used: int) -> LayerSlots:
+        """The first `used` slots alone (views of A and B: nothing copied; DoRA's row_factor only when one of
+        them has one), so a step whose rows use no slot past them multiplies by none of the others."""
+        view = self._views.get(used)
+        if view is None:
+            view = LayerSlots.__new__(LayerSlots)
+            view.rmax, view.A, view.B = self.rmax, self.A[: used * self.rmax], self.B[:, : used * self.rmax]
+            view.ranks, view.rescaled, view._views = self.ranks[:used], self.rescaled[:used], {}
+            view.row_factor = self.row_factor if any(view.rescaled) else None  # row S stays: the base rows'
+            self._views[used] = view
+        return view
 
     def resized(self, capacity: int, rmax: int) -> LayerSlots:
         """A copy with `capacity` >= len(ranks) slots of room for rank `rmax` >= self.rmax (same contents)."""
@@ -334,10 +351,10 @@ class RowMapping:
 
     groups: {name: rows (long tensor)}; runs: {name: contiguous [start, stop) runs}; slot_of: {name: slot};
     the per-row slot indices and the column masks, made here for every dtype / device the slots use.
+    slots: the step's view of the slots (`StepSlots`): only the slots up to the highest one a row uses.
     """
 
     def __init__(self, slots: RowSlots, names: Sequence[str | None]) -> None:
-        self.slots = slots
         self.slot_of: dict[str, int] = {}
         for n in names:
             if n is not None and n not in self.slot_of:
@@ -353,7 +370,8 @@ class RowMapping:
         device = next((p.device for p in slots.model.parameters()), torch.device("cpu"))
         self.groups = {n: torch.tensor(r, device=device) for n, r in rows.items()}
         per_row = [slots.capacity if n is None else self.slot_of[n] for n in names]
-        width = slots.capacity * slots.rmax
+        self.slots = StepSlots(slots, max(self.slot_of.values(), default=-1) + 1)
+        width = self.slots.used * slots.rmax
         kinds = {(s.A.dtype, s.A.device) for s in slots._layers.values()}
         self._masks: dict = {}
         self._slot_rows: dict = {}
@@ -374,6 +392,19 @@ class RowMapping:
 
     def slot_rows_on(self, device) -> Tensor:
         return self._slot_rows[device]
+
+
+class StepSlots:
+    """The slots as one step reads them: each layer's stacks cut to the first `used` slots
+    (`LayerSlots.narrowed`; none at all when no row has an adapter), so rows pay for the slots in use up
+    to the highest one, not for every slot a server preallocated. RowSlots fills the lowest free slot first."""
+
+    def __init__(self, slots: RowSlots, used: int) -> None:
+        self.members, self.used, self._slots = slots.members, used, slots
+
+    def layer_slots(self, layer: nn.Module) -> LayerSlots | None:
+        s = self._slots.layer_slots(layer)
+        return None if s is None or not self.used else s.narrowed(self.used)
 
 
 def attached_slots(model: nn.Module) -> RowSlots | None:
