@@ -282,10 +282,11 @@ class Engine:
                 stuck = stuck or bool(self._room())  # every slot held by running rows: wait for one to end
                 left.append(req)
         with self._cv:
+            arrived = bool(self._waiting)  # submitted meanwhile: not looked at yet
             self._waiting.extendleft(reversed(left))
             # Nothing runs and nothing could be admitted: sleep until a submit, a cancel or a call (releases
             # happen only when rows finish, and no row runs), instead of retrying in a loop.
-            self._stalled = bool(left) and not self._rows and not self._prefilling
+            self._stalled = bool(left) and not arrived and not self._rows and not self._prefilling
 
     def _room(self) -> bool:
         return len(self._rows) + len(self._prefilling) < self.max_batch

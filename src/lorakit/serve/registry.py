@@ -89,8 +89,9 @@ UNLIMITED_SLOTS = 8  # max_loaded None: the slots start with room for this many 
 
 
 class AdapterRegistry:
-    """Adapters by name for one model. `max_loaded` None or 0: no limit. `cache_bytes`: the CPU cache of
-    adapter files (0: none, every reload reads the disk)."""
+    """Adapters by name for one model. `max_loaded`: the slots (adapters resident at once); None or 0: no
+    limit (the slots grow). `cache_bytes`: the CPU cache of validated adapters (0: none, every reload reads
+    the disk)."""
 
     def __init__(self, model, base_name: str, root: str | os.PathLike | None = None,
                  max_loaded: int | None = None, cache_bytes: int = 1 << 30):  # fmt: skip
@@ -105,7 +106,7 @@ class AdapterRegistry:
         # never inside a forward.
         self.slots = lorakit.RowSlots(model, self.max_loaded or UNLIMITED_SLOTS)
         self._paths: dict[str, _Source] = {}
-        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # validated adapters, LRU first
         self._footprints: dict[str, tuple[frozenset, frozenset]] = {}  # see _footprint
         self._pins: Counter[str] = Counter()  # running requests per adapter
@@ -137,12 +138,6 @@ class AdapterRegistry:
         """Whether `name` is in a slot now (a request for it starts without a load)."""
         with self._lock:
             return name in self._lru
-
-    def has_room(self) -> bool:
-        """Whether a non-resident adapter could be made resident now (a free slot, or an idle one to evict)."""
-        with self._lock:
-            full = self.max_loaded is not None and len(self._lru) >= self.max_loaded
-            return not full or any(not self._pins[n] for n in self._lru)
 
     def pinned(self) -> dict[str, int]:
         """Running requests per adapter (an adapter with none can be unloaded)."""
