@@ -2,13 +2,15 @@
 
     python benchmarks/bench_serve.py                    # SmolLM2-135M ("default"), 8 random r=16 adapters
     python benchmarks/bench_serve.py --model tiny       # a tiny random Llama (seconds; checks the plumbing)
-    python benchmarks/bench_serve.py --many 128         # also: 128 distinct adapters in the stream, 8 resident
+    python benchmarks/bench_serve.py --many 128 --max-adapters 8 16   # also: 128 distinct adapters in the
+                                                        # stream, 8 resident, then (another server) 16
 
 Scenarios (one table): 8 plain r=16 adapters mixed in the batch, 1 adapter, the base model (the columns "vs 1
 adapter" and "vs base" are the issue's two ratios), 8 mixed of which 3 are what vLLM refuses (a DoRA adapter,
 one with trainable tokens, one with modules_to_save, served per row beside 5 plain ones), one request at a
 time, and with --many N distinct adapters in the stream, --max-adapters resident (the rest reloaded from the
-CPU cache on demand).
+CPU cache on demand; one such scenario per --max-adapters value, each extra value on its own server). The
+header also gives the time to make one cached adapter resident and evict it again (median, in process).
 
 Starts `lorakit serve` as a subprocess on loopback, sends the same prompts in each scenario (each request
 generates exactly --max-tokens tokens: `ignore_eos`; streamed, so the first token's arrival is seen), and
@@ -189,15 +191,35 @@ def repeated(plans: dict, repeat: int, run) -> dict:
     return out
 
 
-def run_server(args, model: str, dirs: list[Path], plans: dict) -> dict:
-    """Each plan through `lorakit serve` in a subprocess, over HTTP."""
+def swap_ms(model: str, dirs: list[Path], rounds: int = 40) -> float:
+    """Median ms to make one cached adapter resident and evict another (`AdapterRegistry.acquire` with every
+    slot taken by an idle adapter): 8 slots, 10 adapters cycled."""
+    from lorakit.serve import AdapterRegistry
+
+    m, _ = load_model(model)
+    registry = AdapterRegistry(m, "base", max_loaded=8)
+    names = [d.name for d in dirs[:10]]
+    for d in dirs[:10]:
+        registry.add(d.name, d)
+    times = []
+    with torch.inference_mode():
+        for k in range(rounds):
+            start = time.perf_counter()
+            assert registry.acquire(names[k % len(names)])
+            times.append(time.perf_counter() - start)
+            registry.release(names[k % len(names)])
+    return round(1e3 * sorted(times)[len(times) // 2], 2)
+
+
+def run_server(args, model: str, dirs: list[Path], plans: dict, max_adapters: int) -> dict:
+    """Each plan through `lorakit serve` in a subprocess, over HTTP, `max_adapters` resident."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port),
-           "--max-adapters", str(args.max_adapters),
+           "--max-adapters", str(max_adapters), "--adapter-cache-mb", str(args.adapter_cache_mb),
            "--max-batch", str(args.concurrency), "--threads", str(args.threads), "--log-level", "warning",
            "--max-tokens-cap", str(args.max_tokens), "--model-name", "base"]  # fmt: skip
     cmd += ["--device", args.device] if args.device else []
@@ -222,12 +244,14 @@ def run_server(args, model: str, dirs: list[Path], plans: dict) -> dict:
         server.wait(30)
 
 
-def run_in_process(args, model: str, dirs: list[Path], plans: dict) -> dict:
+def run_in_process(args, model: str, dirs: list[Path], plans: dict, max_adapters: int) -> dict:
     """Each plan through an in-process `Engine` (what the server runs, minus HTTP)."""
     from lorakit.serve import AdapterRegistry, Engine
 
     m, tok = load_model(model, device=args.device)
-    registry = AdapterRegistry(m, "base", max_loaded=args.max_adapters)
+    registry = AdapterRegistry(
+        m, "base", max_loaded=max_adapters, cache_bytes=int(args.adapter_cache_mb * 2**20)
+    )
     for d in dirs:
         registry.add(d.name, d)
     with Engine(m, tok, registry, max_batch=args.concurrency) as engine:
@@ -261,7 +285,17 @@ def main() -> None:
         help="add a scenario whose requests name N distinct adapters (N >= 8), --max-adapters resident",
     )
     ap.add_argument(
-        "--max-adapters", type=int, default=8, help="adapters resident on the model (the server's flag)"
+        "--max-adapters",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="adapters resident on the model (the server's flag); several: one --many scenario each",
+    )
+    ap.add_argument(
+        "--adapter-cache-mb",
+        type=float,
+        default=4096,
+        help="the server's CPU cache of adapters (default: room for 128 r=16 SmolLM2 adapters)",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -278,28 +312,35 @@ def main() -> None:
         "8 mixed, DoRA+tokens+saved": ([mixed_kinds[i % 8] for i in range(n)], prompts, c),
         "one at a time (mixed)": ([names[i % 8] for i in range(args.sequential)], prompts[: args.sequential], 1),
     }  # fmt: skip
+    many_plans = {}
     if args.many:
         many = [dirs[i % args.many].name for i in range(max(n, args.many))]
-        plans[f"{args.many} adapters mixed"] = (many, [prompts[i % n] for i in range(len(many))], c)
-    if args.engine_only:
-        results = run_in_process(args, model, dirs, plans)
-    else:
-        results = run_server(args, model, dirs, plans)
+        for k in args.max_adapters:
+            many_plans[k] = {
+                f"{args.many} adapters over {k} slots": (many, [prompts[i % n] for i in range(len(many))], c)
+            }
+    swap = swap_ms(model, dirs)
+    run = run_in_process if args.engine_only else run_server
+    first = args.max_adapters[0]
+    results = run(args, model, dirs, {**plans, **many_plans.get(first, {})}, first)
+    for k in args.max_adapters[1:]:
+        results.update(run(args, model, dirs, many_plans.get(k, {}), k) if args.many else {})
     ref = results["1 adapter"]["tokens_per_s"]
     base_ref = results["base model"]["tokens_per_s"]
     how = "engine in process" if args.engine_only else "HTTP server"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nlorakit serve ({how}), model={args.model}, {args.max_tokens} tokens per request, rank {args.rank} all-linear, "
-          f"{args.threads} threads, device={args.device or 'cpu'}, --max-adapters {args.max_adapters}, "
-          f"load average {load:.1f} at the end")  # fmt: skip
-    print(f"{'scenario':28} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'vs base':>8} "
+          f"{args.threads} threads, device={args.device or 'cpu'}, --max-adapters {' '.join(map(str, args.max_adapters))}, "
+          f"load average {load:.1f} at the end; making a cached adapter resident + evicting one: {swap} ms")  # fmt: skip
+    print(f"{'scenario':30} {'requests':>8} {'conc':>5} {'tokens/s':>9} {'vs 1 adapter':>13} {'vs base':>8} "
           f"{'TTFT p50':>9} {'TTFT p99':>9} {'p50 s':>7} {'p99 s':>7}")  # fmt: skip
     for k, r in results.items():
-        print(f"{k:28} {r['requests']:8d} {r['concurrency']:5d} {r['tokens_per_s']:9.1f} "
+        print(f"{k:30} {r['requests']:8d} {r['concurrency']:5d} {r['tokens_per_s']:9.1f} "
               f"{r['tokens_per_s'] / ref:12.2f}x {r['tokens_per_s'] / base_ref:7.2f}x {r['ttft_p50_s']:9.3f} "
               f"{r['ttft_p99_s']:9.3f} {r['p50_s']:7.3f} {r['p99_s']:7.3f}")  # fmt: skip
     out = {"model": args.model, "max_tokens": args.max_tokens, "rank": args.rank, "threads": args.threads,
-           "many": args.many, "max_adapters": args.max_adapters,
+           "many": args.many, "max_adapters": args.max_adapters, "adapter_cache_mb": args.adapter_cache_mb,
+           "swap_ms": swap,
            "device": args.device or "cpu", "engine_only": args.engine_only, "results": results,
            "load_average": load, "mixed_vs_single": round(results["8 adapters mixed"]["tokens_per_s"] / ref, 3),
            "mixed_vs_base": round(results["8 adapters mixed"]["tokens_per_s"] / base_ref, 3),

@@ -86,7 +86,7 @@ def test_one_failing_row_fails_alone(setup, monkeypatch):
         eng.generate(good[:2] + bad + good[2:], timeout=120)
         assert reg.pinned() == {}
         eng.call(lambda: reg.remove("a2")).result(30)
-        assert "a2" not in lorakit.adapter_records(reg.model)
+        assert reg.slots.index_of("a2") is None and not reg.resident("a2")
         time.sleep(0.2)
         before = cpu_seconds()
         time.sleep(1.0)
@@ -153,7 +153,7 @@ def test_reload_after_eviction_rechecks_the_root(setup, tmp_path):
     os.symlink(dirs["a3"] / "adapter_model.safetensors", root / "x" / "adapter_model.safetensors")
     with pytest.raises(AdapterAccessError, match="outside the adapter root"):
         reg.acquire("x")
-    assert "x" not in lorakit.adapter_records(reg.model) and reg.pinned() == {}
+    assert reg.slots.index_of("x") is None and reg.pinned() == {}
     assert reg.acquire("y")
 
 
@@ -204,7 +204,7 @@ def test_unservable_kinds_and_bad_names_are_refused_at_registration(setup, tmp_p
         for load in (True, False):
             with pytest.raises(AdapterUnsupported, match=f"adapter {name!r}.*{re.escape(why)}"):
                 reg.add(name, tmp_path / name, load=load)
-    assert reg.names() == [] and lorakit.adapter_records(reg.model) == {}
+    assert reg.names() == [] and [n for n in reg.slots.names if n is not None] == []
     for bad in ("x" * 5000, "a\0b", "", "a b", "é"):
         with pytest.raises(ValueError, match="adapter name"):
             reg.add(bad, setup[2]["a1"])

@@ -180,8 +180,9 @@ def test_reloads_through_the_cache_stay_equal_without_revalidating(setup, monkey
     )
     reads = reg.disk_reads
     order = [*KINDS, *reversed(KINDS), *KINDS]
-    with Engine(reg.model, tok, reg, max_batch=2) as eng:
+    with Engine(reg.model, tok, reg, max_batch=2, max_passed=0) as eng:  # arrival order: every one reloads
         reqs = eng.generate([Request(ids, n, 6, temperature=0) for n in order], 120)
+    assert [r.error for r in reqs] == [None] * len(reqs)
     assert [r.output_ids for r in reqs] == [want[n] for n in order]
     assert reg.disk_reads == reads and prepares == [] and reg.loads >= 8
 

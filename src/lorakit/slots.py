@@ -10,6 +10,12 @@ in columns [i·rmax, i·rmax + rᵢ) (zero elsewhere), so one column mask per st
 holds a *copy* of the adapter's factors as they were at `load`: call `load` again after changing them
 (training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters keeps slots valid.
 
+A server writes adapters that are not on the model at all (`write`, with a `SlotContent` built once when the
+adapter is registered: serve/resident.py): their factors go straight into the stacks and the few per-module
+records per-row serving reads (trainable tokens, a modules_to_save copy, LoRA on a non-Linear layer) are
+put on their (already wrapped) modules; `evict` takes them off again. No module is wrapped, no weight
+fingerprinted and no adapter record made per load.
+
 Without attached slots, `per_row_adapters` writes temporary slots for its own `with` block (fresh every
 time: always current, but a server should attach slots once and pay the copy only at load).
 
@@ -21,15 +27,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from . import rowstate
-from .adapters import adapter_layers, get_adapter, lora_layers
+from .adapters import adapter_layers, adapter_records, get_adapter, link_fused, lora_layers, replace_module
 from .fast.rows import row_runs
-from .layers import LinearLike, LoraLayer
+from .layers import LinearLike, LoraLayer, adapter_dtype, unwrap, wrap
+from .saved import SavedModule, unwrap_saved, wrap_saved
 
 SLOTS_ATTR = "lorakit_slots"  # where a model keeps its attached RowSlots (model.__dict__)
 
@@ -46,10 +54,14 @@ class LayerSlots:
         self.ranks = [0] * capacity
         self.row_factor: Tensor | None = None
         self.rescaled = [False] * capacity  # slot i has a DoRA factor
+        self._views: dict[
+            int, LayerSlots
+        ] = {}  # narrowed(used), made when a step first asks; cleared on change
 
     def write(self, i: int, A: Tensor, sB: Tensor, factor: Tensor | None) -> None:
         """Slot i := (A (r, in), s·B (out, r), DoRA factor (out,) or None). r <= rmax."""
-        self.reset(i)
+        self.reset(i)  # (a no-op on an empty slot, which is all zeros)
+        self._views.clear()
         c, r = i * self.rmax, A.shape[0]
         self.A[c : c + r].copy_(A)
         self.B[:, c : c + r].copy_(sB)
@@ -61,9 +73,13 @@ class LayerSlots:
             self.rescaled[i] = True
 
     def reset(self, i: int) -> None:
+        """Slot i := empty. Only its first ranks[i] columns can be non-zero (write keeps the rest zero)."""
+        if not self.ranks[i] and not self.rescaled[i]:
+            return
+        self._views.clear()
         c = i * self.rmax
-        self.A[c : c + self.rmax].zero_()
-        self.B[:, c : c + self.rmax].zero_()
+        self.A[c : c + self.ranks[i]].zero_()
+        self.B[:, c : c + self.ranks[i]].zero_()
         self.ranks[i] = 0
         self.rescaled[i] = False
         if self.row_factor is not None:
@@ -75,19 +91,53 @@ class LayerSlots:
         factor = self.row_factor[i] if self.rescaled[i] else None
         return self.A[c : c + r], self.B[:, c : c + r], factor
 
-    def grown(self, rmax: int) -> LayerSlots:
-        """A copy with room for rank `rmax` per slot (same contents)."""
-        new = LayerSlots(len(self.ranks), rmax, self.A.shape[1], self.B.shape[0], self.A.dtype, self.A.device)
+    def narrowed(self, used: int) -> LayerSlots:
+        """The first `used` slots alone (views of A and B: nothing copied; DoRA's row_factor only when one of
+        them has one), so a step whose rows use no slot past them multiplies by none of the others."""
+        view = self._views.get(used)
+        if view is None:
+            view = LayerSlots.__new__(LayerSlots)
+            view.rmax, view.A, view.B = self.rmax, self.A[: used * self.rmax], self.B[:, : used * self.rmax]
+            view.ranks, view.rescaled, view._views = self.ranks[:used], self.rescaled[:used], {}
+            view.row_factor = self.row_factor if any(view.rescaled) else None  # row S stays: the base rows'
+            self._views[used] = view
+        return view
+
+    def resized(self, capacity: int, rmax: int) -> LayerSlots:
+        """A copy with `capacity` >= len(ranks) slots of room for rank `rmax` >= self.rmax (same contents)."""
+        new = LayerSlots(capacity, rmax, self.A.shape[1], self.B.shape[0], self.A.dtype, self.A.device)
         for i, r in enumerate(self.ranks):
             c = i * self.rmax
             new.A[i * rmax : i * rmax + r].copy_(self.A[c : c + r])
             new.B[:, i * rmax : i * rmax + r].copy_(self.B[:, c : c + r])
-        new.ranks, new.rescaled, new.row_factor = list(self.ranks), list(self.rescaled), self.row_factor
+        grow = capacity - len(self.ranks)
+        new.ranks, new.rescaled = list(self.ranks) + [0] * grow, list(self.rescaled) + [False] * grow
+        if self.row_factor is not None:  # row S (rows without an adapter) stays last
+            new.row_factor = self.row_factor.new_zeros(capacity + 1, self.row_factor.shape[1])
+            new.row_factor[: len(self.ranks)].copy_(self.row_factor[:-1])
         return new
 
 
+@dataclass(frozen=True)
+class SlotContent:
+    """One adapter as `RowSlots.write` takes it, built once (when a server registers it) and written as often
+    as it becomes resident (vLLM's LoRA weights, written by set_lora).
+
+    factors: {path of a Linear-like layer: (A (r, in), s·B (out, r), DoRA ratio - 1 (out,) or None)}, in the
+        layer's adapter dtype (as `LoraVariant.slot_factors` gives them); CPU tensors are copied to the slots'
+        device. records: {module path: [(store, record)]}: put in `getattr(module, store)[name]` while the
+        adapter is resident: "lora" (a LoraWeights on a non-Linear layer), "tokens" (a TokenWeights, the
+        same object on a tied head), "lora_copies" (a modules_to_save copy). nbytes: the tensors' size.
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=dict)
+    records: dict[str, list[tuple[str, nn.Module]]] = field(default_factory=dict)
+    nbytes: int = 0
+
+
 class RowSlots:
-    """A model's per-row slots: `capacity` adapters resident at once, written at `load`, freed at `evict`.
+    """A model's per-row slots: `capacity` adapters resident at once, written at `load` / `write`, freed at
+    `evict`.
 
     attach: keep it on the model (`per_row_adapters` then uses it; one per model). Raises ValueError for
     capacity < 1.
@@ -101,6 +151,8 @@ class RowSlots:
         self.rmax = 0
         self.names: list[str | None] = [None] * capacity
         self._layers: dict[LoraLayer, LayerSlots] = {}
+        self._written: dict[str, SlotContent] = {}  # adapters written by `write` (not on the model), resident
+        self._hosted: dict[str, nn.Module] = {}  # path -> wrapped module, as `host` last found it
         self.members: set[nn.Module] = set()
         self.refresh()
         if attach:
@@ -109,29 +161,21 @@ class RowSlots:
     def index_of(self, name: str) -> int | None:
         return self.names.index(name) if name in self.names else None
 
+    def is_written(self, name: str) -> bool:
+        """Whether `name` is resident from a `write` (not an adapter of the model)."""
+        return name in self._written
+
     def load(self, name: str, index: int | None = None) -> int:
-        """Write adapter `name` into slot `index` (default: its current slot, else the first free one).
+        """Write adapter `name` of the model into slot `index` (default: its current slot, else the first free
+        one).
 
         Returns the slot. Raises KeyError (unknown adapter), RuntimeError (slots full, or adapters merged),
         IndexError (index out of range).
         """
         get_adapter(self.model, name)
-        if any(layer.merged for _, layer in lora_layers(self.model)):
-            raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
-        current = self.index_of(name)
-        if index is None:
-            index = current if current is not None else self._free_slot(name)
-        if not 0 <= index < self.capacity:
-            raise IndexError(f"slot {index} is outside 0..{self.capacity - 1}")
-        if current is not None and current != index:
-            self.evict(name)
-        if self.names[index] not in (None, name):
-            self.evict(self.names[index])
+        index = self._claim(name, index)
         layers = [layer for _, layer in lora_layers(self.model) if isinstance(layer, LinearLike)]
-        rank = max((layer.lora[name].r for layer in layers if name in layer.lora), default=0)
-        if rank > self.rmax:
-            self.rmax = rank
-            self._layers = {layer: s.grown(rank) for layer, s in self._layers.items()}
+        self._fit(max((layer.lora[name].r for layer in layers if name in layer.lora), default=0))
         for layer in layers:
             if name in layer.lora:
                 self._slots_of(layer).write(index, *_factors(layer, name))
@@ -140,24 +184,108 @@ class RowSlots:
         self.names[index] = name
         return index
 
+    def write(self, name: str, content: SlotContent, index: int | None = None) -> int:
+        """Make `name` resident from `content` alone (no adapter of that name on the model): its factors into
+        slot `index` (default: its current slot, else the first free one) of every layer, its records onto
+        their modules (wrapped now if they are not yet: `host`). Returns the slot.
+
+        Raises ValueError (`name` is an adapter of the model), RuntimeError (slots full, adapters merged, a
+        module another adapter holds), IndexError (index out of range).
+        """
+        if name in adapter_records(self.model):
+            raise ValueError(f"adapter {name!r} is on the model: RowSlots.load it instead")
+        layers = {path: self.host(path, "lora") for path in content.factors}
+        for path, layer in layers.items():
+            if not isinstance(layer, LinearLike):
+                raise TypeError(f"slot factors for {path!r}: a {type(layer).__name__} is not Linear-like")
+        holders = [
+            (self.host(path, store), store, r) for path, rs in content.records.items() for store, r in rs
+        ]
+        index = self._claim(name, index)
+        self._fit(max((A.shape[0] for A, _, _ in content.factors.values()), default=0))
+        written = set()
+        for path, (A, sB, factor) in content.factors.items():
+            self._slots_of(layers[path]).write(index, A, sB, factor)
+            written.add(layers[path])
+        for layer, s in self._layers.items():
+            if layer not in written:
+                s.reset(index)
+        for module, store, record in holders:
+            getattr(module, store)[name] = record
+        self.names[index] = name
+        self._written[name] = content
+        return index
+
+    def host(self, path: str, store: str) -> nn.Module:
+        """The module at `path`, wrapped (once) to hold per-row records of `store` ("lora" / "tokens": a Lora
+        layer; "lora_copies": a SavedModule). A wrapper of the other kind holding nothing is undone first.
+        Raises RuntimeError when that wrapper still holds an adapter, TypeError for a module kind LoRA
+        cannot wrap."""
+        want = SavedModule if store == "lora_copies" else LoraLayer
+        module = self._hosted.get(path)
+        if isinstance(module, want):  # (emptied by refresh whenever layers change)
+            return module
+        module = self.model.get_submodule(path)
+        if isinstance(module, want):
+            self._hosted[path] = module
+            return module
+        if isinstance(module, LoraLayer | SavedModule):
+            if not self._empty(module):
+                raise RuntimeError(
+                    f"module {path!r} holds another adapter of another kind; it cannot hold both"
+                )
+            module = unwrap(module) if isinstance(module, LoraLayer) else unwrap_saved(module)
+        new = wrap_saved(module) if want is SavedModule else wrap(module)
+        replace_module(self.model, path, new)
+        link_fused(self.model)
+        self.refresh()
+        return new
+
+    def _empty(self, module: nn.Module) -> bool:
+        if isinstance(module, SavedModule):
+            return not module.lora_copies
+        s = self._layers.get(module)
+        return not (module.lora or module.tokens) and (s is None or not any(s.ranks))
+
     def evict(self, name: str) -> None:
-        """Free `name`'s slot (no-op when it is not resident)."""
+        """Free `name`'s slot, and take what `write` put on the modules off them (no-op when not resident)."""
         i = self.index_of(name)
         if i is None:
             return
         for s in self._layers.values():
             s.reset(i)
         self.names[i] = None
+        content = self._written.pop(name, None)
+        for path, records in (content.records if content is not None else {}).items():
+            module = self.model.get_submodule(path)
+            for store, _ in records:
+                held = getattr(module, store)
+                if name in held:  # a tied head shares its embedding's record: taken off once per store
+                    del held[name]
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` adapters (more than now; resident ones keep their slots)."""
+        if capacity <= self.capacity:
+            return
+        self._layers = {layer: s.resized(capacity, self.rmax) for layer, s in self._layers.items()}
+        self.names += [None] * (capacity - self.capacity)
+        self.capacity = capacity
 
     def refresh(self) -> None:
         """Follow adapters added or deleted since (called by add_adapter / delete_adapter): drop the slots
-        of layers that left the model and of adapters that no longer exist."""
+        of layers that left the model and of adapters that no longer exist; an adapter `write` made resident
+        whose modules were unwrapped meanwhile (another adapter deleted) is written again."""
         present = {layer for _, layer in adapter_layers(self.model)}
         self.members = present
+        self._hosted = {}
         self._layers = {layer: s for layer, s in self._layers.items() if layer in present}
         known = set(self.model.__dict__.get("lorakit_adapters", {}))
-        for n in [n for n in self.names if n is not None and n not in known]:
+        for n in [n for n in self.names if n is not None and n not in known and n not in self._written]:
             self.evict(n)
+        for n, content in list(self._written.items()):
+            paths = [*content.factors, *content.records]
+            if not all(isinstance(self.model.get_submodule(p), LoraLayer | SavedModule) for p in paths):
+                self.write(n, content, self.index_of(n))
 
     def layer_slots(self, layer: nn.Module) -> LayerSlots | None:
         return self._layers.get(layer)
@@ -165,6 +293,36 @@ class RowSlots:
     def mapping(self, names: Sequence[str | None]) -> RowMapping:
         """The step's RowMapping for batch rows `names` (each resident, or None). Raises KeyError otherwise."""
         return RowMapping(self, names)
+
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the model's weights (its layers as of the last refresh)."""
+        return any(getattr(layer, "merged", None) for layer in self.members)
+
+    def _claim(self, name: str, index: int | None) -> int:
+        """The slot `name` goes to (see `load`), emptied of what it held."""
+        if self.merged():
+            raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
+        current = self.index_of(name)
+        if index is None:
+            index = current if current is not None else self._free_slot(name)
+        if not 0 <= index < self.capacity:
+            raise IndexError(f"slot {index} is outside 0..{self.capacity - 1}")
+        if current is not None and current != index:
+            self.evict(name)
+        if self.names[index] is not None:
+            self.evict(self.names[index])
+        return index
+
+    def reserve(self, content: SlotContent) -> None:
+        """Room for `content`'s rank in every slot now (as vLLM's max_lora_rank, fixed before serving), so the
+        stacks keep one shape whichever adapters are resident, and an adapter's outputs do not depend on
+        which others were written before it."""
+        self._fit(max((A.shape[0] for A, _, _ in content.factors.values()), default=0))
+
+    def _fit(self, rank: int) -> None:
+        if rank > self.rmax:
+            self.rmax = rank
+            self._layers = {layer: s.resized(self.capacity, rank) for layer, s in self._layers.items()}
 
     def _free_slot(self, name: str) -> int:
         if None not in self.names:
@@ -176,8 +334,9 @@ class RowSlots:
     def _slots_of(self, layer: LinearLike) -> LayerSlots:
         if layer not in self._layers:
             d_in, d_out = layer._in_out()
-            ref = next(iter(layer.lora.values())).A
-            self._layers[layer] = LayerSlots(self.capacity, self.rmax, d_in, d_out, ref.dtype, ref.device)
+            ref = next(iter(layer.lora.values())).A if layer.lora else layer.weight.new_empty(0)
+            dtype = ref.dtype if layer.lora else adapter_dtype(layer.weight)
+            self._layers[layer] = LayerSlots(self.capacity, self.rmax, d_in, d_out, dtype, ref.device)
         return self._layers[layer]
 
 
@@ -192,10 +351,10 @@ class RowMapping:
 
     groups: {name: rows (long tensor)}; runs: {name: contiguous [start, stop) runs}; slot_of: {name: slot};
     the per-row slot indices and the column masks, made here for every dtype / device the slots use.
+    slots: the step's view of the slots (`StepSlots`): only the slots up to the highest one a row uses.
     """
 
     def __init__(self, slots: RowSlots, names: Sequence[str | None]) -> None:
-        self.slots = slots
         self.slot_of: dict[str, int] = {}
         for n in names:
             if n is not None and n not in self.slot_of:
@@ -211,7 +370,8 @@ class RowMapping:
         device = next((p.device for p in slots.model.parameters()), torch.device("cpu"))
         self.groups = {n: torch.tensor(r, device=device) for n, r in rows.items()}
         per_row = [slots.capacity if n is None else self.slot_of[n] for n in names]
-        width = slots.capacity * slots.rmax
+        self.slots = StepSlots(slots, max(self.slot_of.values(), default=-1) + 1)
+        width = self.slots.used * slots.rmax
         kinds = {(s.A.dtype, s.A.device) for s in slots._layers.values()}
         self._masks: dict = {}
         self._slot_rows: dict = {}
@@ -234,6 +394,19 @@ class RowMapping:
         return self._slot_rows[device]
 
 
+class StepSlots:
+    """The slots as one step reads them: each layer's stacks cut to the first `used` slots
+    (`LayerSlots.narrowed`; none at all when no row has an adapter), so rows pay for the slots in use up
+    to the highest one, not for every slot a server preallocated. RowSlots fills the lowest free slot first."""
+
+    def __init__(self, slots: RowSlots, used: int) -> None:
+        self.members, self.used, self._slots = slots.members, used, slots
+
+    def layer_slots(self, layer: nn.Module) -> LayerSlots | None:
+        s = self._slots.layer_slots(layer)
+        return None if s is None or not self.used else s.narrowed(self.used)
+
+
 def attached_slots(model: nn.Module) -> RowSlots | None:
     return model.__dict__.get(SLOTS_ATTR)
 
@@ -243,20 +416,25 @@ def per_row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     """Inside, batch row i uses adapter names[i] alone (None: the base model). Inference (no_grad) uses the
     slots; with gradients each group of rows runs the adapter's own (differentiable) path.
 
-    With `RowSlots` attached to the model, adapters not yet resident are loaded into free slots (or in place
-    of resident ones this batch does not use); without, temporary slots are written for this block. Everything an adapter carries applies per row: LoRA, DoRA,
-    trainable tokens and modules_to_save.
+    With `RowSlots` attached to the model, names may also be adapters `RowSlots.write` made resident (not
+    on the model); adapters of the model not yet resident are loaded into free slots (or in place of
+    resident ones this batch does not use); without, temporary slots are written for this block. Everything
+    an adapter carries applies per row: LoRA, DoRA, trainable tokens and modules_to_save.
 
     Raises:
         KeyError: an unknown name. RuntimeError: merged adapters, or more adapters than slots.
     """
+    slots = attached_slots(model)
     for n in names:
-        if n is not None and get_adapter(model, n).param_targets:
+        if (
+            n is not None
+            and not (slots is not None and slots.is_written(n))
+            and get_adapter(model, n).param_targets
+        ):
             raise RuntimeError(f"adapter {n!r} adapts parameters (target_parameters): not per-row")
-    if any(layer.merged for _, layer in lora_layers(model)):
+    if slots.merged() if slots is not None else any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("per-row adapters need unmerged adapters; unmerge first")
     distinct = list(dict.fromkeys(n for n in names if n is not None))
-    slots = attached_slots(model)
     if slots is None:
         slots = RowSlots(model, max(len(distinct), 1), attach=False)
     if len(distinct) > slots.capacity:

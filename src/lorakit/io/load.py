@@ -304,8 +304,14 @@ class _Checker:
             )
             bad = [i for i in ids if not 0 <= i < rows]
             if bad:
+                new = ""
+                if all(i >= rows for i in bad):  # trained with new tokens, on a grown vocabulary
+                    new = (
+                        f": new tokens beyond this model's vocabulary of {rows}; load it onto the base grown "
+                        "to the adapter's tokenizer (load_model(..., adapter=DIR) grows it)"
+                    )
                 raise AdapterFileError(
-                    f"{self.config_file}: trainable_token_indices {bad} are outside {n!r} (0..{rows - 1})"
+                    f"{self.config_file}: trainable_token_indices {bad} are outside {n!r} (0..{rows - 1}){new}"
                 )
             shape = tuple(self.plan.tokens[n][1].shape)
             if shape != (len(ids), dim):

@@ -3,7 +3,11 @@
 The loop, top to bottom (`Engine._loop`):
 1. run queued calls (`Engine.call`): adapter loads and deletes mutate the model, so they happen here, between
    forwards, and hold the batch back only for as long as they take;
-2. admit waiting requests while the batch has room: pin the request's adapter (loading it on demand);
+2. admit waiting requests while the batch has room, pinning each one's adapter: first, in arrival order, those
+   that need no load (the base, or an adapter resident in a slot), then those whose adapter must be made
+   resident (evicting the least recently used adapter no running row uses), while a slot can be freed. A
+   request passed over `max_passed` times (later requests admitted before it) goes first: nothing behind it
+   is admitted until it is (so running rows drain and free a slot for it), which bounds its wait;
 3. prefill, within a budget of `prefill_chunk` prompt tokens per loop: admitted prompts that fit together go
    in one forward (left-padded, masked); a longer prompt goes alone, one chunk per loop, so running rows keep
    decoding meanwhile (one token per loop) instead of waiting for the whole prompt. A prefilled row samples its
@@ -71,6 +75,7 @@ class Request:
     submitted: float = 0.0
     first_token: float | None = None
     finished: float | None = None
+    passed: int = 0  # later requests admitted before this one (preferring resident adapters)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
 
@@ -96,14 +101,19 @@ class Engine:
         max_len: longest prompt + completion, in tokens (default: the model's max_position_embeddings).
         prefill_chunk: prompt tokens prefilled per loop (between two decode steps): prompts that fit together
             share one forward, a longer one is prefilled in chunks of this size.
+        max_passed: how often a waiting request may be passed over by later ones whose adapter is resident
+            (0: strict arrival order).
     """
 
     def __init__(self, model, tokenizer, registry: AdapterRegistry | None = None, max_batch: int = 16,
-                 max_len: int | None = None, prefill_chunk: int = 256) -> None:  # fmt: skip
+                 max_len: int | None = None, prefill_chunk: int = 256, max_passed: int = 32) -> None:  # fmt: skip
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk}: expected at least 1")
+        if max_passed < 0:
+            raise ValueError(f"max_passed={max_passed}: expected at least 0")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.max_batch = max_batch
+        self.max_passed = max_passed
         self.prefill_chunk = prefill_chunk
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_len = max_len or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -216,59 +226,93 @@ class Engine:
                         self._cv.wait()
                     if self._stopping:
                         break
-                    calls, self._calls = list(self._calls), deque()
-                for fn, future in calls:
-                    if future.set_running_or_notify_cancel():
-                        try:
-                            future.set_result(fn())
-                        except BaseException as err:  # handed to the caller through the future
-                            future.set_exception(err)
-                self._admit()
-                self._prefill_some()
-                self._regroup()
-                try:
-                    if self._rows:
-                        self._step()
-                except Exception as err:  # a failed batched forward fails the requests in it, not the server
-                    for row in self._rows:
-                        self._finish(row, "error", _describe(err))
-                    self._rows, self._cache = [], BatchCache(self.model.config)
+                self._iterate()
         for row in self._rows + self._prefilling:
             self._finish(row, "cancelled")
         for req in self._waiting:
             self._done(req, "cancelled")
 
+    def _iterate(self) -> None:
+        """One turn of the loop (see the module docstring): queued calls, admission, prefill, one decode step.
+        Tests drive it directly (under torch.inference_mode) to step an engine that was never started."""
+        with self._cv:
+            calls, self._calls = list(self._calls), deque()
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # handed to the caller through the future
+                    future.set_exception(err)
+        self._admit()
+        self._prefill_some()
+        self._regroup()
+        try:
+            if self._rows:
+                self._step()
+        except Exception as err:  # a failed batched forward fails the requests in it, not the server
+            for row in self._rows:
+                self._finish(row, "error", _describe(err))
+            self._rows, self._cache = [], BatchCache(self.model.config)
+
     def _busy(self) -> bool:
         return bool(self._rows or self._prefilling or (self._waiting and not self._stalled))
 
     def _admit(self) -> None:
-        blocked = []
-        while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch:
-            with self._cv:
-                req = self._waiting.popleft()
+        """Admit waiting requests while the batch has room (the policy: module docstring, step 2)."""
+        with self._cv:
+            queue, self._waiting = list(self._waiting), deque()
+        passed: list[Request] = []  # not admitted by the first pass, in arrival order
+        urgent = False  # one of them was passed over max_passed times: nothing behind it goes first
+        for req in queue:  # 1. what needs no load
             if req.cancelled:
                 self._done(req, "cancelled")
-                continue
-            try:
-                if req.adapter is not None and not self.registry.acquire(req.adapter):
-                    blocked.append(req)  # every adapter slot is held by running rows: wait for one to end
-                    continue
-            except Exception as err:  # this request's adapter failed to load: this request fails
-                self._done(req, "error", _describe(err))
-                continue
-            row = _Row(req, TextStream(self.tokenizer, req.stop), None)
-            try:
-                if req.seed is not None and req.temperature > 0:
-                    row.generator = torch.Generator().manual_seed(req.seed)
-            except Exception as err:
-                self._finish(row, "error", _describe(err))
-                continue
-            self._prefilling.append(row)
+            elif not urgent and self._room() and self._resident(req):
+                self._start(req)
+                for r in passed:
+                    r.passed += 1
+                urgent = any(r.passed >= self.max_passed for r in passed)
+            else:
+                passed.append(req)
+                urgent = urgent or req.passed >= self.max_passed
+        left, stuck = [], False
+        for req in passed:  # 2. what needs its adapter made resident, while a slot can be freed
+            if req.cancelled:
+                self._done(req, "cancelled")
+            elif stuck or not self._room() or not self._start(req):
+                stuck = stuck or bool(self._room())  # every slot held by running rows: wait for one to end
+                left.append(req)
         with self._cv:
-            self._waiting.extendleft(reversed(blocked))
+            arrived = bool(self._waiting)  # submitted meanwhile: not looked at yet
+            self._waiting.extendleft(reversed(left))
             # Nothing runs and nothing could be admitted: sleep until a submit, a cancel or a call (releases
             # happen only when rows finish, and no row runs), instead of retrying in a loop.
-            self._stalled = bool(blocked) and not self._rows and not self._prefilling
+            self._stalled = bool(left) and not arrived and not self._rows and not self._prefilling
+
+    def _room(self) -> bool:
+        return len(self._rows) + len(self._prefilling) < self.max_batch
+
+    def _resident(self, req: Request) -> bool:
+        return req.adapter is None or self.registry.resident(req.adapter)
+
+    def _start(self, req: Request) -> bool:
+        """Pin `req`'s adapter (made resident if needed) and queue its prefill. False: no slot can be freed
+        now (req stays waiting). A request whose adapter fails to load, or whose generator cannot be made,
+        ends with an error (True: it left the queue)."""
+        try:
+            if req.adapter is not None and not self.registry.acquire(req.adapter):
+                return False
+        except Exception as err:  # this request's adapter failed to load: this request fails
+            self._done(req, "error", _describe(err))
+            return True
+        row = _Row(req, TextStream(self.tokenizer, req.stop), None)
+        try:
+            if req.seed is not None and req.temperature > 0:
+                row.generator = torch.Generator().manual_seed(req.seed)
+        except Exception as err:
+            self._finish(row, "error", _describe(err))
+            return True
+        self._prefilling.append(row)
+        return True
 
     def _regroup(self) -> None:
         # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA

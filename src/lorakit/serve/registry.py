@@ -1,16 +1,18 @@
 """The adapters a server knows (name -> directory), which of them are on the model, and where they may come from.
 
-Known adapters are loaded on demand and kept in least-recently-used order; beyond `max_loaded` the least recently
-used one that no running request holds is deleted from the model (it stays known and reloads when asked for).
-Known adapters are kept in a CPU cache, validated (`io.prepare_adapter`: parsed and checked against the model
-once, when first read; least recently used dropped beyond `cache_bytes`), so hundreds can be registered and
-reloaded by copying tensors (`io.load_prepared`), without reading or re-validating anything. A cache hit
+Known adapters are made resident on demand (written into a slot of `lorakit.RowSlots`) and kept in
+least-recently-used order; beyond `max_loaded` the least recently used one that no running request holds is
+evicted (its slot zeroed; it stays known and is written again when asked for). Adapters are never put on the
+model as adapter records: each is read, validated and fingerprinted once (`io.prepare_adapter`), its modules
+wrapped once, and what the slots take (`resident.slot_content`) kept in a CPU cache (least recently used
+dropped beyond `cache_bytes`), so hundreds can be registered and made resident by copying tensors into the
+preallocated stacks (vLLM's set_lora), without reading, re-validating or re-wrapping anything. A cache hit
 first compares the directory's files (resolved again; inode, size, modification time) with what was read: a
 file changed on disk since is noticed and read again, checked as on registration (`files.read_checked`); a
 reload that misses the cache does the same.
-Loading and deleting change the model's layers, so every method that does (`acquire`, `release`, `add`,
-`remove`) must run on the engine's thread, between forwards. `names`, `is_known` and `loaded` may be called
-from any thread.
+Writing and evicting slots change what the model computes, so every method that does (`acquire`, `release`,
+`add`, `remove`) must run on the engine's thread, between forwards. `names`, `is_known`, `loaded` and
+`resident` may be called from any thread.
 
 Directories added over HTTP (`confined=True`) must resolve (symlinks followed) to a place under `root`, each
 time they are read, and what is read is what was checked. Every kind an adapter file can hold is served per
@@ -28,17 +30,18 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import lorakit
 from lorakit.adapters import adapter_records
 from lorakit.adapters import check_adapter_name as check_library_name
 from lorakit.inject import tied_heads
-from lorakit.io import PreparedAdapter, load_prepared, prepare_adapter
-from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, adapter_from_bytes
+from lorakit.io import PreparedAdapter, prepare_adapter
+from lorakit.io.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, adapter_dir, adapter_from_bytes
+from lorakit.slots import SlotContent
 
 from .files import FILES, AdapterAccessError, read_checked
+from .resident import slot_content
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:@+=-]{0,127}")
 __all__ = [
@@ -78,13 +81,17 @@ class _Source:
 
 @dataclass(frozen=True)
 class _Cached:
-    prepared: PreparedAdapter
+    content: SlotContent  # what the slots take (resident.slot_content)
     stamp: tuple  # the files as read: (device, inode, size, mtime_ns) each
 
 
+UNLIMITED_SLOTS = 8  # max_loaded None: the slots start with room for this many and double when full
+
+
 class AdapterRegistry:
-    """Adapters by name for one model. `max_loaded` None or 0: no limit. `cache_bytes`: the CPU cache of
-    adapter files (0: none, every reload reads the disk)."""
+    """Adapters by name for one model. `max_loaded`: the slots (adapters resident at once); None or 0: no
+    limit (the slots grow). `cache_bytes`: the CPU cache of validated adapters (0: none, every reload reads
+    the disk)."""
 
     def __init__(self, model, base_name: str, root: str | os.PathLike | None = None,
                  max_loaded: int | None = None, cache_bytes: int = 1 << 30):  # fmt: skip
@@ -95,11 +102,11 @@ class AdapterRegistry:
             raise FileNotFoundError(f"--adapter-root {root}: not a directory")
         self.max_loaded = max_loaded or None
         self.cache_bytes = cache_bytes
-        # The per-row stacks are written here, when an adapter loads (and freed when it leaves), never inside
-        # a forward; without a limit there is no fixed slot count, and per_row_adapters writes them per step.
-        self.slots = lorakit.RowSlots(model, self.max_loaded) if self.max_loaded else None
+        # The per-row stacks are written here, when an adapter becomes resident (and zeroed when it leaves),
+        # never inside a forward.
+        self.slots = lorakit.RowSlots(model, self.max_loaded or UNLIMITED_SLOTS)
         self._paths: dict[str, _Source] = {}
-        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # validated adapters, LRU first
         self._footprints: dict[str, tuple[frozenset, frozenset]] = {}  # see _footprint
         self._pins: Counter[str] = Counter()  # running requests per adapter
@@ -123,8 +130,14 @@ class AdapterRegistry:
             return name in self._paths
 
     def loaded(self) -> list[str]:
+        """The resident adapters, least recently used first."""
         with self._lock:
             return list(self._lru)
+
+    def resident(self, name: str) -> bool:
+        """Whether `name` is in a slot now (a request for it starts without a load)."""
+        with self._lock:
+            return name in self._lru
 
     def pinned(self) -> dict[str, int]:
         """Running requests per adapter (an adapter with none can be unloaded)."""
@@ -190,11 +203,9 @@ class AdapterRegistry:
         if name == self.base_name or name in self._paths or name in adapter_records(self.model):
             raise AdapterConflict(f"the name {name!r} is already in use")
         source = _Source(Path(path), confined)
-        cached = self._read_disk(name, source)
-        footprint = _footprint(cached.prepared, self.model)
-        self._check_coexists(name, footprint)
+        cached, footprint = self._read_disk(name, source)
         if load and self._make_room():
-            self._load(name, cached.prepared)
+            self._load(name, cached.content)
         with self._lock:
             self._paths[name] = source
             self._footprints[name] = footprint
@@ -239,7 +250,7 @@ class AdapterRegistry:
         if name not in self._lru:
             if not self._make_room():
                 return False
-            self._load(name, self._prepared(name, source))
+            self._load(name, self._content(name, source))
         with self._lock:
             self._lru.move_to_end(name)
         self._pins[name] += 1
@@ -254,6 +265,8 @@ class AdapterRegistry:
                 self._unload(name)
 
     def _make_room(self) -> bool:
+        if self.max_loaded is None and None not in self.slots.names:
+            self.slots.grow(2 * self.slots.capacity)
         while self.max_loaded is not None and len(self._lru) >= self.max_loaded:
             idle = next((n for n in self._lru if not self._pins[n]), None)
             if idle is None:
@@ -262,29 +275,29 @@ class AdapterRegistry:
             self.evictions += 1
         return True
 
-    def _prepared(self, name: str, source: _Source) -> PreparedAdapter:
-        """The validated adapter: from the cache when its files are unchanged on disk, else read again."""
+    def _content(self, name: str, source: _Source) -> SlotContent:
+        """The validated adapter's slot content: from the cache when its files are unchanged on disk, else
+        read (and validated, checked beside the others) again."""
         with self._lock:
             cached = self._cache.get(name)
         if cached is not None and cached.stamp == _stamp(self._directory(name, source)):
             with self._lock:
                 if name in self._cache:
                     self._cache.move_to_end(name)
-            return cached.prepared
-        cached = self._read_disk(name, source)
-        footprint = _footprint(cached.prepared, self.model)
-        self._check_coexists(name, footprint)  # the file changed since registration: check it again
+            return cached.content
+        cached, footprint = self._read_disk(name, source)
         with self._lock:
             self._footprints[name] = footprint
         self._remember(name, cached)
-        return cached.prepared
+        return cached.content
 
     def _directory(self, name: str, source: _Source) -> Path:
         """The directory to read now: a confined source is resolved and checked against the root again."""
         return self.confine(source.path, name) if source.confined else adapter_dir(source.path, name)
 
-    def _read_disk(self, name: str, source: _Source) -> _Cached:
-        """The adapter's files read now, validated against the model and checked servable per row."""
+    def _read_disk(self, name: str, source: _Source) -> tuple[_Cached, tuple[frozenset, frozenset]]:
+        """The adapter's files read now, validated against the model, checked servable per row and beside the
+        other adapters (AdapterUnsupported), and made into slot content; with its footprint."""
         self.disk_reads += 1
         directory = self._directory(name, source)
         stamp = _stamp(directory)  # before reading: a change while reading shows as a change next time
@@ -294,32 +307,36 @@ class AdapterRegistry:
             files = read_checked(directory)
         where = source.path if source.confined else directory
         found = adapter_from_bytes(where, files[CONFIG_NAME], files[WEIGHTS_NAME])
-        prepared = prepare_adapter(self.model, found, name, ignore_fingerprint=self.ignore_fingerprint)
+        try:
+            prepared = prepare_adapter(self.model, found, name, ignore_fingerprint=self.ignore_fingerprint)
+        except AdapterFileError as err:  # named: a server registers many (POST /v1/adapters: a 400)
+            raise AdapterFileError(f"adapter {name!r}: {err}") from None
         _check_servable(name, prepared, self.model)
-        return _Cached(prepared, stamp)
+        footprint = _footprint(prepared, self.model)
+        self._check_coexists(name, footprint)
+        content = slot_content(self.slots, prepared)
+        # The stacks' shape is fixed by the registered adapters, not by which are resident.
+        self.slots.reserve(content)
+        return _Cached(content, stamp), footprint
 
     def _remember(self, name: str, cached: _Cached) -> None:
         with self._lock:
-            if cached.prepared.nbytes > self.cache_bytes or name not in self._paths:
+            if cached.content.nbytes > self.cache_bytes or name not in self._paths:
                 return
             self._cache[name] = cached
             self._cache.move_to_end(name)
-            while sum(c.prepared.nbytes for c in self._cache.values()) > self.cache_bytes:
+            while sum(c.content.nbytes for c in self._cache.values()) > self.cache_bytes:
                 self._cache.popitem(last=False)
 
-    def _load(self, name: str, prepared: PreparedAdapter) -> None:
-        # Plain tensors even on the engine thread (which runs in inference_mode), so the adapter stays an
-        # ordinary trainable-kind tensor outside the server (tests, training in the same process).
-        with torch.inference_mode(False):
-            load_prepared(self.model, prepared, name=name, activate=False)
-        if self.slots is not None:
-            self.slots.load(name)
+    def _load(self, name: str, content: SlotContent) -> None:
+        """Make `name` resident: its tensors copied into a free slot (set_lora), nothing else."""
+        self.slots.write(name, content)
         self.loads += 1
         with self._lock:
             self._lru[name] = None
 
     def _unload(self, name: str) -> None:
-        lorakit.delete_adapter(self.model, name)  # frees its slot too
+        self.slots.evict(name)  # its slot zeroed, its records taken off their modules (reset_lora)
         with self._lock:
             self._lru.pop(name, None)
 
