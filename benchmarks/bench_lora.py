@@ -341,17 +341,38 @@ def machine(args) -> str:
     return f"{cpu}, {args.threads} threads of {os.cpu_count()} cores (torch {torch.__version__})"
 
 
+def round_ratio(tr: dict, a: str, b: str) -> float:
+    """Median over rounds of a's step time / b's step time in the same round (nan when either is missing)."""
+    ta, tb = tr.get(a, {}).get("all_s"), tr.get(b, {}).get("all_s")
+    if not ta or not tb or len(ta) != len(tb):
+        return float("nan")
+    return statistics.median(x / y for x, y in zip(ta, tb))
+
+
 def table(res: dict) -> str:
     tr, mem, inf = res.get("train_time") or {}, res.get("train_mem") or {}, res.get("infer") or {}
     nan = float("nan")
     base_t = tr.get("base", {}).get("median_s", nan)
     base_m = mem.get("base", {}).get("peak_mb", nan)
     lines = [f"machine: {res['machine']}; dtype {res['dtype']}", "", "training, batch 4x256, r=16 all-linear"]
-    lines.append(f"{'config':<22}{'step s':>9}{'/ base':>9}{'peak MB':>10}{'+MB over base':>15}")
+    lines.append(
+        f"{'config':<22}{'step s':>9}{'/ base':>9}{'/ base*':>9}{'/ PEFT*':>9}{'peak MB':>10}{'+MB over base':>15}"
+    )
     for n in [*tr, *(k for k in mem if k not in tr)]:  # memory alone (--only mem) prints its rows too
         t = tr.get(n, {}).get("median_s", nan)
         m = mem.get(n, {}).get("peak_mb", nan)
-        lines.append(f"{n:<22}{t:>9.3f}{t / base_t:>9.3f}{m:>10.0f}{m - base_m:>15.0f}")
+        peft = "peft_d0.05" if "d0.05" in n else "peft_d0"
+        vs_base, vs_peft = (
+            round_ratio(tr, n, "base"),
+            round_ratio(tr, n, peft) if n.startswith("lorakit") else nan,
+        )
+        lines.append(
+            f"{n:<22}{t:>9.3f}{t / base_t:>9.3f}{vs_base:>9.3f}{vs_peft:>9.3f}{m:>10.0f}{m - base_m:>15.0f}"
+        )
+    lines.append(
+        "* median over rounds of the ratio within a round (the configurations step in turn, so a round's"
+    )
+    lines.append("  steps share the machine's state: steadier than the ratio of medians on a noisy machine)")
     for d in ("d0", "d0.05"):
         a, b = f"lorakit_{d}", f"peft_{d}"
         if a in mem and b in mem and mem[b]["peak_mb"] > base_m:

@@ -3,6 +3,7 @@ an uninterrupted run; and data-parallel training over 2 processes equals one pro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,9 +32,23 @@ def env():
     }
 
 
+@contextlib.contextmanager
+def one_thread():
+    """What train_tiny.py runs under (torch.set_num_threads(1)): CPU kernels' rounding may depend on the thread
+    setting (the flash-attention backward sums per-thread partials), so in-process runs compared bit for bit
+    with a subprocess's steps use the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def uninterrupted(tmp_path, dropout=0.1, **kw):
     model = model_with_adapter(dropout=dropout)
-    fit(model, examples(), config(tmp_path / "full", steps=STEPS, dropout=dropout, **kw), pad_id=0)
+    with one_thread():
+        fit(model, examples(), config(tmp_path / "full", steps=STEPS, dropout=dropout, **kw), pad_id=0)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -41,7 +56,8 @@ def resume_in_process(out, dropout=0.1):
     model = model_with_adapter(dropout=dropout)
     randomize_adapters(model, seed=5)  # other adapter values: everything must come from the checkpoint
     torch.manual_seed(123)  # and so must the RNG (dropout)
-    fit(model, examples(), config(out, steps=STEPS, dropout=dropout, save_every=2, resume=True), pad_id=0)
+    with one_thread():
+        fit(model, examples(), config(out, steps=STEPS, dropout=dropout, save_every=2, resume=True), pad_id=0)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

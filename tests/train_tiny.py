@@ -171,7 +171,7 @@ def main() -> int:
     p.add_argument("--device", default=None, help="e.g. cuda (default: the process's device, CPU here)")
     p.add_argument("--distributed", default="ddp", help="ddp or fsdp")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--loss-chunk", type=int, default=0)
+    p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk)
     p.add_argument("--stop-after", type=int, default=0, help="stop (as on Ctrl-C) after this many steps")
     p.add_argument("--report-memory", action="store_true", help="write OUT/memory-rank<r>.json")
     p.add_argument("--quantized-model", default="", help="a model directory, loaded in 4-bit (QLoRA)")

@@ -25,8 +25,8 @@ read the same x; each branch still sees dropout p) and one saved x.
 
 What is saved for backward: x itself (the *same* tensor object the caller passed, so q/k/v, which share their
 input, keep one copy between them, and so do gate/up), u (N×r, 1/36 of x at in = 576, r = 16: cheaper to keep
-than to recompute), and, with dropout, the keep-mask as bools (1 byte per element instead of a 4-byte copy of
-D(x) per module, which is what generic autograd keeps). dx is accumulated in place: dx = dy W, then addmm_.
+than to recompute), and, with dropout, the keep-mask as 0/1 bytes (1 byte per element instead of a 4-byte copy
+of D(x) per module, which is what generic autograd keeps). dx is accumulated in place: dx = dy W, then addmm_.
 Where x's producer is recognised (fast/recompute.py: an RMSNorm, act(gate) · up), x is not saved at all: the
 Function keeps references to the operands the base's graph already keeps and rebuilds x bitwise in backward.
 
@@ -49,9 +49,12 @@ from . import recompute
 def dropout_keep_mask(
     shape: tuple[int, ...], p: float, seed: int, device: torch.device
 ) -> tuple[Tensor, float]:
-    """A bool keep-mask of `shape` (True = kept) and the exact keep scale 1 / (1 - p').
+    """A keep-mask of `shape` (uint8: 1 = kept, 0 = dropped) and the exact keep scale 1 / (1 - p').
 
-    Deterministic in `seed`. p' = round(p · 2¹⁶) / 2¹⁶ is the drop probability actually used.
+    Deterministic in `seed`. p' = round(p · 2¹⁶) / 2¹⁶ is the drop probability actually used. uint8 rather than
+    bool because `x * mask` with a bool mask takes PyTorch's type-promotion slow path: on CPU it is ~4× slower
+    than with the same bytes seen as uint8 (0.56 vs 0.13 ms for 1024×576 fp32, one thread), and the mask is
+    applied three times per layer and step. The values (x · 1, x · 0) are the same.
     """
     n = 1
     for d in shape:
@@ -61,7 +64,7 @@ def dropout_keep_mask(
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=g)
     lanes = bits.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
     drop = min(max(round(p * 65536), 0), 65535)
-    return lanes >= drop - 32768, 65536.0 / (65536 - drop)
+    return (lanes >= drop - 32768).view(torch.uint8), 65536.0 / (65536 - drop)
 
 
 def draw_seed() -> int:
@@ -124,7 +127,8 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 dya = dy2 if dy2.dtype == A.dtype else dy2.to(A.dtype)
                 if need_B[i]:
-                    dBs[i] = (dya.t() @ u[:, col : col + r]).mul_(s)
+                    # (uᵀ dy)ᵀ rather than dyᵀ u: the same product, 1.6x faster on CPU at out = 1536 (MKL)
+                    dBs[i] = (u[:, col : col + r].t() @ dya).mul_(s).t()
                 # s and 1/(1-p) folded into g once (N×r) instead of into dA and dx (N×in)
                 gs.append((dya @ B).mul_(s * ctx.keep_scale))
                 if need_b[i] and ctx.has_bias[i]:

@@ -88,7 +88,11 @@ def _optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="recompute activations"
     )
-    g.add_argument("--loss-chunk", type=int, help="cross-entropy this many tokens at a time (0: all)")
+    g.add_argument(
+        "--loss-chunk",
+        type=int,
+        help="cross-entropy this many tokens at a time, loss tokens only (default 1024; 0: all logits at once)",
+    )
     g.add_argument(
         "--packing", action=argparse.BooleanOptionalAction, default=None,
         help="pack rows into sequences of up to --max-len tokens, attention kept per row (default: on when "

@@ -42,7 +42,10 @@ class TrainConfig:
         train_embeddings: CPT: input embeddings and output head train in full and are saved.
         new_tokens: a text file, one new token per line: tokenizer and embeddings grow, only new rows train.
         skip_bad_rows: skip (and count) malformed rows instead of stopping at the first one.
-        loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once); 0: off.
+        loss_chunk: compute the cross-entropy this many tokens at a time (never all logits at once), and only
+            over the tokens that carry a loss (an SFT prompt's tokens never reach the output head); 0: all logits
+            at once. Exact up to float rounding; where the head cannot be chunked exactly (logit soft-capping),
+            the plain loss is used and a warning says so once.
         packing: pack each step's rows into sequences of up to max_len tokens, attention confined to each row
             (True: required, an error if the model cannot keep packed rows apart; None: when it can; False: pad).
         compile: torch.compile the model's transformer body for training.
@@ -105,7 +108,7 @@ class TrainConfig:
     train_embeddings: bool = False
     new_tokens: str | None = None
     skip_bad_rows: bool = False
-    loss_chunk: int = 0
+    loss_chunk: int = 1024
     dtype: str | None = None
     packing: bool | None = None
     compile: bool = False

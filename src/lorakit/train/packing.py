@@ -56,7 +56,9 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def plan(lengths: list[int], capacity: int, per_batch: int, attention: float = 0.0) -> list[list[list[int]]]:
+def plan(
+    lengths: list[int], capacity: int, per_batch: int, attention: float = 0.0, widest: int | None = None
+) -> list[list[list[int]]]:
     """Micro-batches of bins (lists of indices into `lengths`) within a budget of per_batch x capacity tokens.
 
     A micro-batch of k bins computes k x (its widest bin) tokens, never more than the budget (what a padded
@@ -69,14 +71,17 @@ def plan(lengths: list[int], capacity: int, per_batch: int, attention: float = 0
 
     Args:
         attention: the attention cost of one token per token of sequence width, relative to the rest of the
-            model's per-token cost (~ 1 / (6 x hidden size) for a transformer block); 0 counts tokens only.
+            model's per-token cost (~ 1 / (6 x hidden size) for a transformer block); 0 counts tokens only
+            (attention computed row by row, `row_attention`, costs the same in any bin).
+        widest: no bin wider than this (nor than the longest row needs); None: up to the budget.
     """
     if per_batch < 1 or capacity < 1:
         raise ValueError(f"per_batch and capacity must be >= 1, got {per_batch}, {capacity}")
     if not lengths:
         return []
     longest, budget = max(lengths), per_batch * max(capacity, max(lengths))
-    widths = {min(budget, max(longest, round(longest * f))) for f in _WIDTHS} | {min(budget, capacity)}
+    top = budget if widest is None else max(longest, min(budget, widest))
+    widths = {min(top, max(longest, round(longest * f))) for f in _WIDTHS} | {min(top, capacity)}
     layouts = [([[i] for i in range(len(lengths))], per_batch)]
     layouts += [(pack_bins(lengths, w), max(1, budget // w)) for w in sorted(widths)]
 
