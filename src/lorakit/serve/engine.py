@@ -8,8 +8,8 @@ The loop, top to bottom (`Engine._loop`):
    resident (evicting the least recently used adapter no running row uses), while a slot can be freed. A
    request passed over `max_passed` times (later requests admitted before it) goes first: nothing behind it
    is admitted until it is (so running rows drain and free a slot for it), which bounds its wait;
-3. prefill, within a budget of `prefill_chunk` prompt tokens per loop: admitted prompts that fit together go
-   in one forward (left-padded, masked); a longer prompt goes alone, one chunk per loop, so running rows keep
+3. prefill (`serve/prefill.py`), within a budget of `prefill_chunk` prompt tokens per loop: admitted prompts
+   that fit together go in one forward (left-padded, masked); a longer prompt goes alone, one chunk per loop, so running rows keep
    decoding meanwhile (one token per loop) instead of waiting for the whole prompt. A prefilled row samples its
    first token and joins the batch;
 4. one forward for the whole batch, one new token per row, under `lorakit.per_row_adapters` (row i uses its own
@@ -42,7 +42,9 @@ from transformers.cache_utils import DynamicCache
 
 import lorakit
 
-from .kvcache import BatchCache, new_cache, select_rows
+from .kvcache import BatchCache
+from .prefill import Prefill
+from .prefill import describe as _describe
 from .registry import AdapterRegistry
 from .sampling import TextStream, check_sampling, next_token
 
@@ -91,7 +93,7 @@ class _Row:
     prefilled: int = 0  # prompt tokens in `cache`
 
 
-class Engine:
+class Engine(Prefill):
     """Continuous batching over one model. Start it with `start()` (or use it as a context manager).
 
     Args:
@@ -328,93 +330,6 @@ class Engine:
         with lorakit.per_row_adapters(self.model, adapters):
             return self.model(**inputs, use_cache=True)
 
-    def _prefill_some(self) -> None:
-        """One prefill forward of at most `prefill_chunk` prompt tokens (see the module docstring)."""
-        for row in [r for r in self._prefilling if r.req.cancelled]:
-            self._prefilling.remove(row)
-            self._finish(row, "cancelled")
-        if not self._prefilling:
-            return
-        first = self._prefilling[0]
-        if first.prefilled or len(first.req.prompt_ids) > self.prefill_chunk:
-            return self._prefill_chunk(first)
-        group, budget = [], self.prefill_chunk
-        for row in self._prefilling:  # in arrival order, while they fit
-            if row.prefilled or len(row.req.prompt_ids) > budget:
-                break
-            group.append(row)
-            budget -= len(row.req.prompt_ids)
-        self._prefill_group(group)
-
-    def _prefill_chunk(self, row: _Row) -> None:
-        """The next chunk of a long prompt, alone (batch 1, its own cache); the row joins after the last."""
-        req = row.req
-        try:
-            row.cache = row.cache or new_cache(self.model.config)
-            end = min(row.prefilled + self.prefill_chunk, len(req.prompt_ids))
-            ids = torch.tensor([req.prompt_ids[row.prefilled : end]], device=self.device)
-            out = self._forward(
-                [req.adapter], input_ids=ids, past_key_values=row.cache, **self._last_logits()
-            )
-            self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + 1
-            row.prefilled = end
-            if end == len(req.prompt_ids):
-                self._prefilling.remove(row)
-                cache, row.cache = row.cache, None
-                if self._first_token(row, out.logits[0, -1]):
-                    self._cache.add(cache, end)
-                    self._rows.append(row)
-        except Exception as err:  # this request alone fails; the batch never saw it
-            if row in self._prefilling:
-                self._prefilling.remove(row)
-            row.cache = None
-            self._finish(row, "error", _describe(err))
-
-    def _prefill_group(self, group: list[_Row]) -> None:
-        """Whole prompts in one forward (left-padded and masked); the rows join the batch."""
-        lengths = [len(r.req.prompt_ids) for r in group]
-        width = max(lengths)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for i, r in enumerate(group):
-            ids[i, width - lengths[i] :] = torch.tensor(r.req.prompt_ids)
-            mask[i, width - lengths[i] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        try:
-            cache = new_cache(self.model.config)
-            inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-            inputs = (
-                {k: v.to(self.device) for k, v in inputs.items()}
-                if len(group) > 1
-                else {"input_ids": ids.to(self.device)}
-            )
-            out = self._forward(
-                [r.req.adapter for r in group], **inputs, past_key_values=cache, **self._last_logits()
-            )
-        except Exception as err:
-            if len(group) > 1:  # which prompt broke it? each alone: only that one fails
-                for r in group:
-                    self._prefill_group([r])
-                return
-            self._prefilling.remove(group[0])
-            return self._finish(group[0], "error", _describe(err))
-        self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + len(group)
-        keep = []
-        for i, r in enumerate(group):
-            self._prefilling.remove(r)
-            try:
-                if self._first_token(r, out.logits[i, -1]):
-                    keep.append(i)
-            except Exception as err:  # sampling, decoding or a callback failed for this row: it alone ends
-                self._finish(r, "error", _describe(err))
-        if keep:
-            self._cache.extend(select_rows(cache, keep), [lengths[i] for i in keep])
-            self._rows.extend(group[i] for i in keep)
-
-    def _first_token(self, row: _Row, logits: torch.Tensor) -> bool:
-        row.req.first_token = time.perf_counter()
-        return self._advance(row, logits)
-
     def _last_logits(self) -> dict:
         return {"logits_to_keep": 1} if self._keep_arg else {}
 
@@ -488,10 +403,6 @@ class Engine:
             req.finish_reason, req.error = "error", f"on_done callback failed: {_describe(err)}"
         finally:
             req.done.set()
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
 
 
 def _as_list(x) -> list:
