@@ -4,7 +4,8 @@ mapping (slots.RowMapping: which slot each row uses). Nothing is built, cached o
 
 At decode sizes (at most STACK_TOKENS tokens in the call) the cost is the number of small ops, not their
 arithmetic, so every slot runs as one pair: u = x [A₁; …; A_S]ᵀ (every row against every slot), u ⊙ column
-mask (a row keeps only its slot's columns), y += u [s₁B₁ … s_SB_S]ᵀ. Above that, each adapter's rows are
+mask (a row keeps only its slot's columns), y += u [s₁B₁ … s_SB_S]ᵀ. A step whose rows use one adapter takes
+that adapter's factors alone at any size (the stack would read every slot below its own). Above that, each adapter's rows are
 taken as contiguous runs (views, no copy): one matmul and one addmm_ per run, the same work as a single
 adapter over the batch when rows are sorted by adapter (what a server should send); rows scattered over
 more than MAX_RUNS runs are gathered with index_select and written back with index_copy_.
@@ -40,7 +41,8 @@ def add_rows_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tens
     slots: the layer's slots.LayerSlots. mapping: the step's slots.RowMapping (groups, runs, slot_rows,
     column masks). bias: the layer's bias (DoRA rescales the base output without it).
     """
-    if x.dim() >= 2 and x.numel() // x.shape[-1] <= STACK_TOKENS:
+    # One adapter in the step: its own factors alone (its slot may sit above others the stack would read).
+    if len(mapping.groups) > 1 and x.dim() >= 2 and x.numel() // x.shape[-1] <= STACK_TOKENS:
         return _stacked_(y, x, slots, mapping, bias)
     for name, rows in mapping.groups.items():
         i = mapping.slot_of[name]
