@@ -103,7 +103,7 @@ class FusedGroup:
             out = scope.take(layer, x)
             if out is not None:
                 return out
-            if not scope.outputs:  # outputs still held for another x: this call computes alone
+            if not scope.outputs:  # nothing held: fuse the group (held for another x: compute alone)
                 members = [m for m in self.members if m is layer or self._joins(m, layer, x)]
         if len(members) == 1:
             p, conv1d = layer.train_dropout(), layer._conv1d()

@@ -4,8 +4,8 @@ mapping (slots.RowMapping: which slot each row uses). Nothing is built, cached o
 
 At decode sizes (at most STACK_TOKENS tokens in the call) the cost is the number of small ops, not their
 arithmetic, so every slot runs as one pair: u = x [A₁; …; A_S]ᵀ (every row against every slot), u ⊙ column
-mask (a row keeps only its slot's columns), y += u [s₁B₁ … s_SB_S]ᵀ. A step whose rows use one adapter takes
-that adapter's factors alone at any size (the stack would read every slot below its own). Above that, each adapter's rows are
+mask (a row keeps only its slot's columns), y += u [s₁B₁ … s_SB_S]ᵀ. Above that, and at any size when the
+step's rows use one adapter (the stack would read every slot below its own), each adapter's rows are
 taken as contiguous runs (views, no copy): one matmul and one addmm_ per run, the same work as a single
 adapter over the batch when rows are sorted by adapter (what a server should send); rows scattered over
 more than MAX_RUNS runs are gathered with index_select and written back with index_copy_.
