@@ -1,10 +1,10 @@
 """Fast paths for the Lora layers, used automatically wherever they apply (no flag), tested against the plain
 path (`functional.py`) in tests/test_fast_*.py. They receive tensors, never layers: which path applies is the
-layer's decision (layers.LinearLike.forward), the arithmetic is here, on functional.lora_into_.
+layer's decision (layer_paths.FastLinearPath.forward), the arithmetic is here, on functional.lora_into_.
 
 - Training, one active adapter on an nn.Linear / GPT-2 Conv1D with a frozen float weight:
-  `linear.LoraLinearFunction`, a hand-derived backward that keeps one x per input tensor, a bool dropout
-  mask instead of a dropped copy of x, and accumulates dx in place; the projections that read one x (q/k/v,
+  `linear.LoraLinearFunction`, a hand-derived backward that keeps one x per input tensor, a uint8 dropout
+  keep-mask instead of a dropped copy of x, and accumulates dx in place; the projections that read one x (q/k/v,
   gate/up) run as one call of it (`fused.FusedGroup`): one matmul of x with their stacked A. Where x's
   producer is recognised (an RMSNorm, act(gate) · up) x is not even saved: it is rebuilt in backward from the
   tensors the base keeps anyway (`recompute.py`; `set_recompute(model, False)` saves it instead).
