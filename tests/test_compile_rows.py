@@ -30,8 +30,9 @@ def rows(n, seed):
     return out
 
 
-def adapted(build=tiny_llama, **kw):
-    model = build(**kw)
+def adapted(build=tiny_llama, layers=2):
+    model = build()
+    model.config.num_hidden_layers, model.model.layers = layers, model.model.layers[:layers]
     model.config._attn_implementation = "sdpa"
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets="all-linear"))
     randomize_adapters(model)  # B != 0: the adapter's gradients are not trivial
@@ -74,7 +75,7 @@ def test_compiled_rows_attention_one_graph_for_every_length():
     """fullgraph (no graph break), dynamic lengths: three packed micro-batches of different lengths and row
     counts run through one graph and each equals its padded reference. (aot_eager: dynamo's graph and
     AOTAutograd's joint forward/backward, as inductor gets them, without inductor's code generation.)"""
-    model, body = adapted(), None
+    model, body = adapted(layers=1), None  # one layer: half the tracing, the same graph structure
     parts = [rows(n, seed) for seed, n in ((2, 4), (3, 6), (4, 2))]
     padded = [loss_and_grads(model, collate(data, pad_id=0)) for data in parts]  # eager, sdpa
     torch._dynamo.reset()
@@ -102,7 +103,7 @@ def test_compiled_rows_attention_refused_where_its_mask_would_be_needed():
     assert row_attention_compiled.refusal(model.config) == "attention dropout 0.1"
 
 
-@pytest.mark.slow  # one inductor compile of a 1-layer model's forward and backward (~30 s on one CPU thread)
+@pytest.mark.slow  # one inductor compile of a 1-layer model's forward and backward (~45 s on one busy CPU thread)
 def test_fit_compiled_packed_compiles_once(tmp_path):
     """A compiled packed run of 4 steps (4 micro-batches of 4 different lengths) compiles the body once and
     trains the eager run's adapter. Before: a static graph, then a dynamic one (2), the rows' attention off."""
@@ -112,8 +113,7 @@ def test_fit_compiled_packed_compiles_once(tmp_path):
         counters.clear()
         torch.manual_seed(1)
         model = tiny_llama()
-        model.config.num_hidden_layers = 1
-        model.model.layers = model.model.layers[:1]
+        model.config.num_hidden_layers, model.model.layers = 1, model.model.layers[:1]
         lorakit.add_adapter(model, lorakit.LoraConfig(r=4))
         log = io.StringIO()
         fit(model, data, config(tmp_path / str(on), steps=4, compile=on), pad_id=0, stream=log)
