@@ -169,10 +169,16 @@ def run_lorakit(name: str, work: Path, args) -> dict:
     reset_peak_rss()
     fitted = fit(model, train.examples, cfg, pad_id=pad_id_of(tok))
     peak = rss_mib("VmHWM")
-    losses = [r["loss"] for r in metrics.read(out / "metrics.jsonl") if "loss" in r]
+    records = [r for r in metrics.read(out / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in records]
+    # Each step's time from the log's elapsed seconds: the first step holds --compile's compilation.
+    ends, totals = [r["elapsed"] for r in records], [r["tokens"] for r in records]
+    step_s = [round(b - a, 2) for a, b in zip([0.0, *ends], ends)]
+    step_tokens = [b - a for a, b in zip([0, *totals], totals)]
     return {"seconds": fitted.seconds, "real_tokens": fitted.tokens, "rows": args.steps * args.batch_size,
             "train_loss": statistics.mean(losses[-5:]), "held_out_loss": held_out_loss(model, work, tok, args),
-            "peak_mib": peak - rss0, "packing": fitted.packing}  # fmt: skip
+            "peak_mib": peak - rss0, "packing": fitted.packing, "step_seconds": step_s,
+            "step_tokens": step_tokens}  # fmt: skip
 
 
 def run_trl(name: str, work: Path, args) -> dict:
@@ -257,6 +263,13 @@ def table(results: dict, order: list[str]) -> str:
         lines.append(
             f"{name:<18} {tps:>10.1f} {ratio:>7} {r['seconds'] / r['steps']:>7.2f} {r['peak_mib']:>9.0f} "
             f"{r['train_loss']:>10.4f} {r['held_out_loss']:>9.4f} {r['rows'] / r['steps']:>9.1f}"
+        )
+    for name in [n for n in order if len(results.get(n, {}).get("step_seconds", [])) > 1]:
+        r = results[name]  # without the first step (--compile's compilation, warm-up)
+        seconds, tokens = sum(r["step_seconds"][1:]), r["real_tokens"] - r["step_tokens"][0]
+        lines.append(
+            f"{name}: step 1 {r['step_seconds'][0]:.1f} s; steps 2+ {seconds / (len(r['step_seconds']) - 1):.2f} "
+            f"s each, {tokens / seconds:.1f} real tok/s"
         )
     return "\n".join(lines)
 

@@ -224,11 +224,12 @@ def fit(
     )
     session.t0 = time.perf_counter()
     model.train()
-    # Packed rows' attention row by row (not under --compile: the rows' boundaries vary from batch to batch).
-    rows = row_attention(model, session.packed and not cfg.compile)
-    with _StopSignal() as stop, compiled(model, cfg.compile), rows as by_rows:
+    # Packed rows' attention row by row (under --compile as one opaque operator, switched before compiling).
+    rows = row_attention(model, session.packed, compiled=cfg.compile)
+    with _StopSignal() as stop, rows as by_rows, compiled(model, cfg.compile):
         if by_rows:  # a row's attention then costs the same in any bin: pack tightly
             session.attention, session.widest = 0.0, max(cfg.max_len, row_attention_widest)
+            session.one_sequence = cfg.compile  # a micro-batch of one sequence: one shape but its length
         for step in range(session.start, session.total):
             loss, norm, lr, step_tokens = session.train_step(step)
             session.after_step(step + 1, loss, norm, lr, step_tokens, stop.requested)
@@ -296,6 +297,7 @@ class _Run(RunRecords):
         # packing.plan's attention weight; below ~512 wide, per-op overhead, not attention, dominates a step.
         self.attention = 1.0 / (6 * max(512, hidden)) if isinstance(hidden, int) else 0.0
         self.widest: int | None = None  # packing.plan's widest bin (None: up to the micro-batch budget)
+        self.one_sequence = False  # packed micro-batches of one sequence each (packing.sequences)
         self.log: MetricsLog | None = None
         # Memory for time, per option (numerics unchanged): LoRA inputs rebuilt in backward or saved; what
         # autograd keeps offloaded to CPU memory during each micro-batch's forward (back in backward).
@@ -316,7 +318,10 @@ class _Run(RunRecords):
         if self.packed:
             # A row longer than max_len (fit called directly) gets a bin of its own.
             capacity = max([cfg.max_len, *lengths])
-            layout = packing.plan(lengths, capacity, bs, self.attention, self.widest)
+            if self.one_sequence:
+                layout = packing.sequences(lengths, bs * capacity)
+            else:
+                layout = packing.plan(lengths, capacity, bs, self.attention, self.widest)
             groups = [[[mine[j] for j in b] for b in mb] for mb in layout]
         else:
             groups = [[[i] for i in mine[m : m + bs]] for m in range(0, len(mine), bs)]

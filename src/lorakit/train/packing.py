@@ -97,6 +97,14 @@ def plan(
     return groups(min(layouts, key=cost))
 
 
+def sequences(lengths: list[int], budget: int) -> list[list[list[int]]]:
+    """Micro-batches of one bin each (`plan`'s layout shape): first-fit decreasing bins of at most `budget`
+    tokens, each its own micro-batch of exactly its rows' tokens (no padding computed). For the rows' attention
+    under torch.compile: every micro-batch is then (1, its length), so one graph with a dynamic length serves
+    the whole run, and a row's attention costs the same in any bin."""
+    return [[b] for b in pack_bins(lengths, budget)]
+
+
 _WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # bin widths tried, x the longest row
 
 

@@ -83,19 +83,36 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def row_attention(model: torch.nn.Module, on: bool = True):
+def row_attention(model: torch.nn.Module, on: bool = True, compiled: bool = False):
     """Within the block, `model` (a transformers PreTrainedModel using "sdpa") computes packed rows' attention
     row by row; restored to "sdpa" on exit, also on an exception. Yields whether the switch was made: not when
     `on` is False, the model is not on "sdpa", or its family does not dispatch attention through transformers'
-    AttentionInterface (then nothing changes and packed rows keep the block-diagonal mask)."""
+    AttentionInterface (then nothing changes and packed rows keep the block-diagonal mask).
+
+    compiled: the form torch.compile traces in one graph (`row_attention_compiled`: an opaque operator, no mask
+    built), switched only when the model's config allows it and the model, switched, still keeps packed rows
+    apart (`packing.check`); otherwise nothing changes, as above."""
+    from . import row_attention_compiled as rac
+
     config = getattr(model, "config", None)
     can = getattr(model, "_can_set_attn_implementation", None)
     if not on or getattr(config, "_attn_implementation", None) != "sdpa" or not callable(can) or not can():
         yield False
         return
-    _register()
-    model.set_attn_implementation(NAME)
+    if compiled and rac.refusal(config):
+        yield False
+        return
+    (rac.register if compiled else _register)()
+    name = rac.NAME if compiled else NAME
+    model.set_attn_implementation(name)
     try:
-        yield config._attn_implementation == NAME
+        switched = config._attn_implementation == name
+        if switched and compiled:
+            from .packing import check
+
+            switched = check(model) == ""  # a family that drops the position ids would let rows mix
+            if not switched:
+                model.set_attn_implementation("sdpa")
+        yield switched
     finally:
         model.set_attn_implementation("sdpa")
