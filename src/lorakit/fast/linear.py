@@ -19,8 +19,8 @@ to an N×in one: with dropout each module makes one masked copy of x in forward 
 Large transient tensors are kept few, since on CPU a fresh one costs page faults that can exceed the
 arithmetic (a 1024×1536 `x * mask` measured 0.6 ms with the allocator's pages kept, 6-11 ms without): in
 forward the random bits, the float mask and D(x)·(1-p) share one buffer; in backward the uint8 mask becomes
-a float one once, D(x) is formed in the rebuilt x's own storage, and that buffer then receives G A for
-dx += M ⊙ (G A) (one addcmul_).
+a float one once, D(x) is formed in the rebuilt x's own storage, and that buffer then receives M ⊙ (G A),
+into which the base terms dy W are accumulated (addmm_): dx itself allocates nothing.
     db = Σ_rows dy                    (out,)    only when the bias trains
 
 Fused (k layers i on one x, A_cat = [A_1; …; A_k] (R = Σ rᵢ, in)): one u = D(x) A_catᵀ (N, R) whose column
@@ -163,7 +163,7 @@ class LoraLinearFunction(torch.autograd.Function):
             col += r
         G = gs[0] if k == 1 else torch.cat(gs, dim=1)  # (N, R)
         # With dropout the uint8 mask becomes a float one once, for both D(x) and D(G A); the N×in buffer
-        # holding D(x) for dA is reused for G A (fresh N×in tensors cost page faults on CPU)
+        # holding D(x) for dA is reused for G A and becomes dx (fresh N×in tensors cost page faults on CPU)
         keepf = None if keep is None else keep.to(A.dtype)
         dAs, xm = [None] * k, None
         if any(need_A):
@@ -187,8 +187,15 @@ def _dx(dy2s, Ws, G: Tensor, A: Tensor, keepf, buf, dtype) -> Tensor:
     """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer.
 
     keepf: the float keep-mask (None: no dropout). buf: None or a contiguous (N, in) tensor in A's dtype free
-    to receive G A.
+    to receive G A. With dropout (and dx in A's dtype) dx starts as M ⊙ (G A), in buf, and the base terms are
+    accumulated into it: no N×in tensor is allocated here.
     """
+    if keepf is not None and dtype == A.dtype:
+        dx = (G @ A if buf is None else torch.mm(G, A, out=buf)).mul_(keepf)
+        for dy2, W in zip(dy2s, Ws):
+            if dy2 is not None:
+                dx.addmm_(dy2, W)
+        return dx
     dx = None
     for dy2, W in zip(dy2s, Ws):
         if dy2 is None:
@@ -202,13 +209,10 @@ def _dx(dy2s, Ws, G: Tensor, A: Tensor, keepf, buf, dtype) -> Tensor:
     if keepf is None and dx.dtype == A.dtype:
         dx.addmm_(G, A)
         return dx
-    t = G @ A if buf is None else torch.mm(G, A, out=buf)
-    if keepf is not None and dx.dtype == A.dtype:
-        dx.addcmul_(t, keepf)  # one pass: dx += M ⊙ (G A)
-    else:
-        if keepf is not None:
-            t.mul_(keepf)
-        dx.add_(t.to(dx.dtype))
+    t = G @ A
+    if keepf is not None:
+        t.mul_(keepf)
+    dx.add_(t.to(dx.dtype))
     return dx
 
 
