@@ -79,6 +79,42 @@ def test_dropout_mask_probability_and_scale():
     assert FL.dropout_keep_mask((10,), 0.0, 7, torch.device("cpu"))[0].all()
 
 
+@pytest.mark.parametrize("shape", [(400, 500), (5, 13), (1, 1), (3, 7, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_keep_masks_are_the_16_bit_lanes_in_every_dtype(shape, dtype):
+    """The mask is the documented one (64-bit draws read as four 16-bit lanes, kept where lane ≥ p'·2¹⁶ -
+    2¹⁵), whatever dtype's buffer the bits are drawn into, and the float mask is the same 0/1 values."""
+    n = torch.Size(shape).numel()
+    g = torch.Generator().manual_seed(99)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=g)
+    drop = round(0.05 * 65536)
+    ref = (bits.view(torch.int16)[:n].view(shape) >= drop - 32768).to(torch.uint8)
+    keep, keepf, scale = FL.keep_masks(shape, 0.05, 99, torch.device("cpu"), dtype)
+    assert keep.dtype == torch.uint8 and keepf.dtype == dtype and keep.shape == keepf.shape == shape
+    assert torch.equal(keep, ref)
+    assert torch.equal(keepf, ref.to(dtype))
+    assert scale == 65536 / (65536 - drop)
+    assert torch.equal(FL.dropout_keep_mask(shape, 0.05, 99, torch.device("cpu"))[0], ref)
+
+
+@pytest.mark.parametrize("frozen", ["A", "x"])
+def test_dropout_backward_when_A_or_x_needs_no_grad(frozen, monkeypatch):
+    # Without dA the buffer of D(x) is not formed and D(G A) takes its own; without dx none of it is needed.
+    layer, w = _layer("linear", False, torch.float32, 0.3)
+    monkeypatch.setattr(FL, "draw_seed", lambda: 1234)
+    x = torch.randn(3, 5, 24, requires_grad=frozen != "x")
+    w.A.requires_grad_(frozen != "A")
+    dy = torch.randn(3, 5, 20)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    params = [t for t in (x, w.A, w.B) if t.requires_grad]
+    grads = torch.autograd.grad(y, params, dy)
+    keep, keep_scale = FL.dropout_keep_mask((15, 24), 0.3, 1234, x.device)
+    ref = torch.autograd.grad(_reference(layer, w, x, keep.view(3, 5, 24), keep_scale), params, dy)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 def _grads(model, ids):
     model.zero_grad(set_to_none=True)
     out = model(ids).logits

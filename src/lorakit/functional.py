@@ -79,16 +79,23 @@ def lora_into_(
 
 
 def lora_down(
-    x: Tensor, A: Tensor, keep: Tensor | None = None, u_scale: Tensor | float | None = None
+    x: Tensor,
+    A: Tensor,
+    keep: Tensor | None = None,
+    u_scale: Tensor | float | None = None,
+    scratch: Tensor | None = None,
 ) -> Tensor:
     """The first half of `lora_into_`: u = (keep ⊙ x) Aᵀ · u_scale, (N, r) in A's dtype, x (..., in) flattened.
 
     Shared-input projections (q/k/v) call it once with their A's stacked (R = Σ r) and split u by columns.
+    scratch: optional contiguous (N, in) tensor in A's dtype that receives keep ⊙ x (it may be `keep` itself,
+    a float 0/1 mask the caller gives up), instead of a fresh N×in tensor: on CPU a fresh large tensor costs
+    page faults, up to ~10× the multiply itself.
     """
     x2 = x.reshape(-1, x.shape[-1])
     xa = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
     if keep is not None:
-        xa = xa * keep
+        xa = xa * keep if scratch is None else torch.mul(xa, keep, out=scratch)
     u = xa @ A.t()
     if u_scale is not None:
         u.mul_(u_scale)

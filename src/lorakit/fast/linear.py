@@ -16,6 +16,11 @@ Backward, from dy (N, out), with W frozen:
 
 Since D(x) Aᵀ = ((M ⊙ x) Aᵀ) / (1 - p), the factor 1 / (1 - p) is applied to the N×r tensors u and g, never
 to an N×in one: with dropout each module makes one masked copy of x in forward and one in backward.
+Large transient tensors are kept few, since on CPU a fresh one costs page faults that can exceed the
+arithmetic (a 1024×1536 `x * mask` measured 0.6 ms with the allocator's pages kept, 6-11 ms without): in
+forward the random bits, the float mask and D(x)·(1-p) share one buffer; in backward the uint8 mask becomes
+a float one once, D(x) is formed in the rebuilt x's own storage, and that buffer then receives M ⊙ (G A),
+into which the base terms dy W are accumulated (addmm_): dx itself allocates nothing.
     db = Σ_rows dy                    (out,)    only when the bias trains
 
 Fused (k layers i on one x, A_cat = [A_1; …; A_k] (R = Σ rᵢ, in)): one u = D(x) A_catᵀ (N, R) whose column
@@ -52,19 +57,38 @@ def dropout_keep_mask(
     """A keep-mask of `shape` (uint8: 1 = kept, 0 = dropped) and the exact keep scale 1 / (1 - p').
 
     Deterministic in `seed`. p' = round(p · 2¹⁶) / 2¹⁶ is the drop probability actually used. uint8 rather than
-    bool because `x * mask` with a bool mask takes PyTorch's type-promotion slow path: on CPU it is ~4× slower
-    than with the same bytes seen as uint8 (0.56 vs 0.13 ms for 1024×576 fp32, one thread), and the mask is
-    applied three times per layer and step. The values (x · 1, x · 0) are the same.
+    bool: it is what the Function saves (1 byte per element), and it is converted to a float mask once per use.
+    """
+    keep, _, scale = keep_masks(shape, p, seed, device, torch.float32)
+    return keep, scale
+
+
+def keep_masks(
+    shape: tuple[int, ...], p: float, seed: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, float]:
+    """(the uint8 keep-mask of `dropout_keep_mask`, the same mask as 0/1 in `dtype`, the keep scale).
+
+    The random bits are drawn into the float mask's own storage (2 bytes per element of the 4 or 2 it has),
+    compared into the uint8 mask, then overwritten by it: one N×in allocation besides the saved bytes, where
+    `(lanes >= t).view(uint8)` and `x * keep` made four (bits, bool mask, `x * keep`'s float cast of the mask,
+    its result), each paying page faults on CPU. `torch.ge(..., out=uint8)` is also ~6× faster on CPU than
+    the comparison into a bool tensor (0.05 vs 0.32 ms for 1024×576, one thread).
     """
     n = 1
     for d in shape:
         n *= d
+    words, size = (n + 3) // 4, torch.empty((), dtype=dtype).element_size()
+    nbytes = -(-max(n * size, words * 8) // 8) * 8  # room for the int64 words, and a whole number of them
+    buf = torch.empty(nbytes // size, dtype=dtype, device=device)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=g)
+    bits = buf.view(torch.int64)[:words].random_(-(2**63), None, generator=g)
     lanes = bits.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
     drop = min(max(round(p * 65536), 0), 65535)
-    return (lanes >= drop - 32768).view(torch.uint8), 65536.0 / (65536 - drop)
+    keep = torch.empty(shape, dtype=torch.uint8, device=device)
+    torch.ge(lanes, drop - 32768, out=keep)
+    del bits, lanes  # buf's bytes are free again: they become the float mask
+    return keep, buf[:n].view(shape).copy_(keep), 65536.0 / (65536 - drop)
 
 
 def draw_seed() -> int:
@@ -95,9 +119,12 @@ class LoraLinearFunction(torch.autograd.Function):
         A = As[0] if k == 1 else torch.cat(As)  # (R, in): one matmul of x for every layer
         keep, keep_scale = None, 1.0
         if p > 0.0:
-            keep, keep_scale = dropout_keep_mask(tuple(x2.shape), p, seed, x.device)
-        # 1/(1-p) goes on the rank-R side: one full-size pass instead of three
-        u = LF.lora_down(x2, A, keep, keep_scale if keep is not None else None)
+            keep, keepf, keep_scale = keep_masks(tuple(x2.shape), p, seed, x.device, A.dtype)
+            # 1/(1-p) goes on the rank-R side: one full-size pass instead of three. keepf becomes D(x)·(1-p)
+            u = LF.lora_down(x2, A, keepf, keep_scale, scratch=keepf)
+            del keepf
+        else:
+            u = LF.lora_down(x2, A)
         col = 0
         for y, B, s in zip(ys, Bs, scales):
             LF.lora_up_(y, u[:, col : col + B.shape[1]], B, s)
@@ -135,20 +162,40 @@ class LoraLinearFunction(torch.autograd.Function):
                     dbs[i] = dy2.sum(0)
             col += r
         G = gs[0] if k == 1 else torch.cat(gs, dim=1)  # (N, R)
-        dAs = [None] * k
+        # With dropout the uint8 mask becomes a float one once, for both D(x) and D(G A); the N×in buffer
+        # holding D(x) for dA is reused for G A and becomes dx (fresh N×in tensors cost page faults on CPU)
+        keepf = None if keep is None else keep.to(A.dtype)
+        dAs, xm = [None] * k, None
         if any(need_A):
             x = kept[0] if ctx.plan is None else recompute.rebuild(ctx.plan, kept)
             xa = x.reshape(N, -1)
             xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
-            dA = G.t() @ (xa if keep is None else xa * keep)
+            if keepf is not None:
+                fresh = xa.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in kept}
+                xm = xa.mul_(keepf) if fresh and xa.is_contiguous() else xa * keepf
+                xa = xm
+            dA = G.t() @ xa
             dAs = list(dA.split([B.shape[1] for B in Bs]))
-            del x, xa  # a rebuilt x lives only for dA
-        dx = _dx(dy2s, Ws, G, A, keep, ctx.x_shape, Ws[0].dtype) if ctx.needs_input_grad[0] else None
+            del x, xa  # a rebuilt x lives only for dA (or as the buffer of D(G A))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _dx(dy2s, Ws, G, A, keepf, xm, Ws[0].dtype).view(ctx.x_shape)
         return (dx, None, None, None, None, None, *([None] * k), *dbs, *dAs, *dBs)
 
 
-def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x_shape, dtype) -> Tensor:
-    """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer."""
+def _dx(dy2s, Ws, G: Tensor, A: Tensor, keepf, buf, dtype) -> Tensor:
+    """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer.
+
+    keepf: the float keep-mask (None: no dropout). buf: None or a contiguous (N, in) tensor in A's dtype free
+    to receive G A. With dropout (and dx in A's dtype) dx starts as M ⊙ (G A), in buf, and the base terms are
+    accumulated into it: no N×in tensor is allocated here.
+    """
+    if keepf is not None and dtype == A.dtype:
+        dx = (G @ A if buf is None else torch.mm(G, A, out=buf)).mul_(keepf)
+        for dy2, W in zip(dy2s, Ws):
+            if dy2 is not None:
+                dx.addmm_(dy2, W)
+        return dx
     dx = None
     for dy2, W in zip(dy2s, Ws):
         if dy2 is None:
@@ -159,14 +206,14 @@ def _dx(dy2s, Ws, G: Tensor, A: Tensor, keep, x_shape, dtype) -> Tensor:
             dx.addmm_(dy2, W)
     if dx is None:
         dx = torch.zeros(G.shape[0], A.shape[1], dtype=dtype, device=G.device)
-    if keep is None and dx.dtype == A.dtype:
+    if keepf is None and dx.dtype == A.dtype:
         dx.addmm_(G, A)
-    else:
-        t = G @ A
-        if keep is not None:
-            t.mul_(keep)
-        dx.add_(t.to(dx.dtype))
-    return dx.view(x_shape)
+        return dx
+    t = G @ A
+    if keepf is not None:
+        t.mul_(keepf)
+    dx.add_(t.to(dx.dtype))
+    return dx
 
 
 def lora_linear_train(
