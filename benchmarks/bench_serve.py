@@ -315,7 +315,8 @@ def run_shape(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     start = time.perf_counter()
     model, dirs = shape_model(args.shape, tmp, 8, args.rank)
-    registry = AdapterRegistry(model, "base", max_loaded=8)
+    slot_dtype = getattr(torch, args.slot_dtype) if args.slot_dtype else None
+    registry = AdapterRegistry(model, "base", max_loaded=8, slot_dtype=slot_dtype)
     for d in dirs:
         registry.add(d.name, d)
     engine = Engine(model, char_tokenizer(), registry, max_batch=args.concurrency)
@@ -336,12 +337,12 @@ def run_shape(args) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ndecode step, shape={args.shape} (random weights, {weights:.0f} MB fp32; one r={args.rank} adapter "
           f"{adapter:.1f} MB), batch {c}, median of {args.steps} steps, {args.repeat} rounds, {args.threads} threads, "
-          f"load average {load:.1f} at the end, {time.perf_counter() - start:.0f} s in all")  # fmt: skip
+          f"slots {args.slot_dtype or 'float32'}, load average {load:.1f} at the end, {time.perf_counter() - start:.0f} s in all")  # fmt: skip
     print(f"{'scenario':20} {'ms/step':>9} {'vs base':>8}  rounds")
     for k, v in ms.items():
         print(f"{k:20} {v:9.1f} {v / ms['base model']:7.2f}x  {rounds[k]}")
     out = {"shape": args.shape, "config": SHAPES[args.shape], "rank": args.rank, "batch": c, "steps": args.steps,
-           "threads": args.threads, "weights_mb": round(weights), "adapter_mb": round(adapter, 1),
+           "threads": args.threads, "slot_dtype": args.slot_dtype or "float32", "weights_mb": round(weights), "adapter_mb": round(adapter, 1),
            "ms_per_step": ms, "rounds": rounds, "load_average": load,
            "mixed_vs_base": round(ms["8 adapters mixed"] / ms["base model"], 3),
            "single_vs_base": round(ms["1 adapter"] / ms["base model"], 3)}  # fmt: skip
@@ -404,6 +405,7 @@ def main() -> None:
     )
     ap.add_argument("--shape", choices=sorted(SHAPES), help="the decode-step comparison at this size instead")
     ap.add_argument("--steps", type=int, default=6, help="--shape: decode steps timed per scenario and round")
+    ap.add_argument("--slot-dtype", choices=["bfloat16"], help="--shape: the slots' dtype (default: float32)")
     args = ap.parse_args()
     if args.shape:
         return run_shape(args)
