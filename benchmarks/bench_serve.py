@@ -16,6 +16,13 @@ Starts `lorakit serve` as a subprocess on loopback, sends the same prompts in ea
 generates exactly --max-tokens tokens: `ignore_eos`; streamed, so the first token's arrival is seen), and
 reports completion tokens/s over the wall time of the scenario, p50 / p99 time to first token (TTFT) and
 request latency, and the ratios. Prints a table and writes JSON (--out).
+
+    python benchmarks/bench_serve.py --shape llama-1b --out benchmarks/results/serve_llama1b_cpu2.json
+
+--shape: instead, the decode step alone at a realistic size (no download): a random-weight model built from a
+config (SHAPES), 8 random r=--rank all-linear adapters, one in-process Engine at batch --concurrency, median
+ms of --steps decode steps per scenario (base / 1 adapter / 8 mixed), --repeat rounds round-robin (the median
+round), and the fastest step of all (the least disturbed one, on a machine others use).
 """
 
 from __future__ import annotations
@@ -244,6 +251,112 @@ def run_server(args, model: str, dirs: list[Path], plans: dict, max_adapters: in
         server.wait(30)
 
 
+SHAPES = {  # Llama-3.2-1B's shapes (tied embeddings, the full 128256 vocabulary); SmolLM2-135M's
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def shape_model(shape: str, tmp: Path, n_adapters: int, rank: int):
+    """A random-weight model of `shape` (in memory, fp32, eval) and `n_adapters` random adapters saved for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2)  # fmt: skip
+    with torch.no_grad():
+        model = LlamaForCausalLM(cfg).eval()
+    dirs = []
+    for i in range(n_adapters):
+        lorakit.add_adapter(
+            model, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), name=f"a{i}"
+        )
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if f".lora.a{i}." in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        dirs.append(lorakit.save_adapter(model, tmp / "adapters", name=f"a{i}"))
+        lorakit.delete_adapter(model, f"a{i}")
+    return model, dirs
+
+
+def decode_steps(engine, adapters: list[str | None], steps: int) -> list[float]:
+    """The ms of `steps` decode steps, sorted, of the engine (not started: driven here, as the tests do) with one
+    row per entry of `adapters`, after every row is prefilled and one step more (warm-up)."""
+    from lorakit.serve import Request
+
+    reqs = [Request([5 + (i * 7 + j) % 90 for j in range(12)], a, steps + 4, temperature=0, ignore_eos=True)
+            for i, a in enumerate(adapters)]  # fmt: skip
+    for r in reqs:
+        engine.submit(r)
+    times = []
+    with torch.inference_mode():
+        while len(engine._rows) < len(reqs):
+            engine._iterate()
+        engine._iterate()
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine._iterate()
+            times.append(time.perf_counter() - start)
+        for r in reqs:
+            engine.cancel(r)
+        while engine.running:
+            engine._iterate()
+    return sorted(1e3 * t for t in times)
+
+
+def run_shape(args) -> None:
+    """The decode-step comparison at `args.shape` (module docstring): prints a table, writes JSON."""
+    from lorakit.serve import AdapterRegistry, Engine
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    start = time.perf_counter()
+    model, dirs = shape_model(args.shape, tmp, 8, args.rank)
+    slot_dtype = getattr(torch, args.slot_dtype) if args.slot_dtype else None
+    registry = AdapterRegistry(model, "base", max_loaded=8, slot_dtype=slot_dtype)
+    for d in dirs:
+        registry.add(d.name, d)
+    engine = Engine(model, char_tokenizer(), registry, max_batch=args.concurrency)
+    c, names = args.concurrency, [d.name for d in dirs]
+    plans = {
+        "base model": [None] * c,
+        "1 adapter": ["a0"] * c,
+        "8 adapters mixed": [names[i % 8] for i in range(c)],
+    }
+    decode_steps(engine, plans["8 adapters mixed"], 1)  # every adapter made resident once
+    rounds, fastest = {k: [] for k in plans}, {k: float("inf") for k in plans}
+    for _ in range(args.repeat):
+        for k, adapters in plans.items():
+            times = decode_steps(engine, adapters, args.steps)
+            rounds[k].append(round(times[len(times) // 2], 1))
+            fastest[k] = round(min(fastest[k], times[0]), 1)  # the least disturbed step on a busy machine
+    ms = {k: sorted(v)[(len(v) - 1) // 2] for k, v in rounds.items()}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    adapter = sum(d.joinpath("adapter_model.safetensors").stat().st_size for d in dirs[:1]) / 1e6
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\ndecode step, shape={args.shape} (random weights, {weights:.0f} MB fp32; one r={args.rank} adapter "
+          f"{adapter:.1f} MB), batch {c}, median of {args.steps} steps, {args.repeat} rounds, {args.threads} threads, "
+          f"slots {args.slot_dtype or 'float32'}, load average {load:.1f} at the end, {time.perf_counter() - start:.0f} s in all")  # fmt: skip
+    print(f"{'scenario':20} {'ms/step':>9} {'vs base':>8} {'fastest':>9} {'vs base':>8}  rounds (medians)")
+    for k, v in ms.items():
+        f = fastest[k]
+        print(
+            f"{k:20} {v:9.1f} {v / ms['base model']:7.2f}x {f:9.1f} {f / fastest['base model']:7.2f}x  {rounds[k]}"
+        )
+    out = {"shape": args.shape, "config": SHAPES[args.shape], "rank": args.rank, "batch": c, "steps": args.steps,
+           "threads": args.threads, "slot_dtype": args.slot_dtype or "float32", "weights_mb": round(weights), "adapter_mb": round(adapter, 1),
+           "ms_per_step": ms, "fastest_ms": fastest, "rounds": rounds, "load_average": load,
+           "fastest_mixed_vs_base": round(fastest["8 adapters mixed"] / fastest["base model"], 3),
+           "mixed_vs_base": round(ms["8 adapters mixed"] / ms["base model"], 3),
+           "single_vs_base": round(ms["1 adapter"] / ms["base model"], 3)}  # fmt: skip
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
 def run_in_process(args, model: str, dirs: list[Path], plans: dict, max_adapters: int) -> dict:
     """Each plan through an in-process `Engine` (what the server runs, minus HTTP)."""
     from lorakit.serve import AdapterRegistry, Engine
@@ -297,7 +410,12 @@ def main() -> None:
         default=4096,
         help="the server's CPU cache of adapters (default: room for 128 r=16 SmolLM2 adapters)",
     )
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="the decode-step comparison at this size instead")
+    ap.add_argument("--steps", type=int, default=6, help="--shape: decode steps timed per scenario and round")
+    ap.add_argument("--slot-dtype", choices=["bfloat16"], help="--shape: the slots' dtype (default: float32)")
     args = ap.parse_args()
+    if args.shape:
+        return run_shape(args)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     model, dirs = prepare(args.model, tmp, max(8, args.many), args.rank)

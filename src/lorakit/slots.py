@@ -139,15 +139,21 @@ class RowSlots:
     """A model's per-row slots: `capacity` adapters resident at once, written at `load` / `write`, freed at
     `evict`.
 
-    attach: keep it on the model (`per_row_adapters` then uses it; one per model). Raises ValueError for
-    capacity < 1.
+    attach: keep it on the model (`per_row_adapters` then uses it; one per model). dtype: the stacks' dtype
+    (None: each layer's adapter dtype). A floating dtype narrower than the adapters' (bfloat16 for fp32
+    adapters) halves the bytes a mixed step reads, at that dtype's precision: the factors are rounded once
+    when written, each row's input is cast to it, the delta is added in the layer's dtype (functional.py).
+    Raises ValueError for capacity < 1 or a dtype that is not floating point.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, attach: bool = True) -> None:
+    def __init__(self, model: nn.Module, capacity: int, attach: bool = True, dtype=None) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r} is invalid: expected an integer >= 1")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} is invalid: expected a floating torch.dtype or None")
         self.model = model
         self.capacity = capacity
+        self.dtype = dtype
         self.rmax = 0
         self.names: list[str | None] = [None] * capacity
         self._layers: dict[LoraLayer, LayerSlots] = {}
@@ -335,7 +341,7 @@ class RowSlots:
         if layer not in self._layers:
             d_in, d_out = layer._in_out()
             ref = next(iter(layer.lora.values())).A if layer.lora else layer.weight.new_empty(0)
-            dtype = ref.dtype if layer.lora else adapter_dtype(layer.weight)
+            dtype = self.dtype or (ref.dtype if layer.lora else adapter_dtype(layer.weight))
             self._layers[layer] = LayerSlots(self.capacity, self.rmax, d_in, d_out, dtype, ref.device)
         return self._layers[layer]
 

@@ -91,10 +91,10 @@ UNLIMITED_SLOTS = 8  # max_loaded None: the slots start with room for this many 
 class AdapterRegistry:
     """Adapters by name for one model. `max_loaded`: the slots (adapters resident at once); None or 0: no
     limit (the slots grow). `cache_bytes`: the CPU cache of validated adapters (0: none, every reload reads
-    the disk)."""
+    the disk). `slot_dtype`: the slots' dtype (None: the adapters'; see `lorakit.RowSlots`)."""
 
     def __init__(self, model, base_name: str, root: str | os.PathLike | None = None,
-                 max_loaded: int | None = None, cache_bytes: int = 1 << 30):  # fmt: skip
+                 max_loaded: int | None = None, cache_bytes: int = 1 << 30, slot_dtype=None):  # fmt: skip
         self.model = model
         self.base_name = base_name
         self.root = Path(os.path.realpath(root)) if root is not None else None
@@ -104,7 +104,7 @@ class AdapterRegistry:
         self.cache_bytes = cache_bytes
         # The per-row stacks are written here, when an adapter becomes resident (and zeroed when it leaves),
         # never inside a forward.
-        self.slots = lorakit.RowSlots(model, self.max_loaded or UNLIMITED_SLOTS)
+        self.slots = lorakit.RowSlots(model, self.max_loaded or UNLIMITED_SLOTS, dtype=slot_dtype)
         self._paths: dict[str, _Source] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # validated adapters, LRU first
