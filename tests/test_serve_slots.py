@@ -264,3 +264,23 @@ def test_a_step_with_one_adapter_reads_its_own_factors_alone(setup, monkeypatch)
             base = reg.model(input_ids=ids).logits
     torch.testing.assert_close(alone[0], mixed[0], atol=1e-5, rtol=0)
     assert torch.equal(base[1], alone[1])  # the base row beside it is untouched
+
+
+def test_layer_slot_views_are_made_at_write_and_follow_resize_and_reset():
+    """slot(i) hands out views made when slot i was written (not sliced on every call of every layer), into
+    the stacks that hold it: after `resized` into the new stacks, after `reset` empty."""
+    from lorakit.slots import LayerSlots
+
+    ls = LayerSlots(2, 4, 6, 5, torch.float32, "cpu")
+    A, sB = torch.randn(3, 6), torch.randn(5, 3)
+    ls.write(1, A, sB, None)
+    a, b, factor = ls.slot(1)
+    assert torch.equal(a, A) and torch.equal(b, sB) and factor is None
+    assert a.data_ptr() == ls.A[4].data_ptr() and ls.slot(1)[0] is a  # the same view object every call
+    big = ls.resized(3, 8)
+    a2, b2, _ = big.slot(1)
+    assert a2.data_ptr() == big.A[8].data_ptr() and torch.equal(a2, A) and torch.equal(b2, sB)
+    assert big.slot(0)[0].shape == (0, 6) and big.slot(2)[1].shape == (5, 0)
+    assert big.narrowed(2).slot(1)[0] is a2
+    ls.reset(1)
+    assert ls.slot(1)[0].shape == (0, 6) and ls.ranks[1] == 0
