@@ -268,7 +268,8 @@ def test_a_step_with_one_adapter_reads_its_own_factors_alone(setup, monkeypatch)
 
 def test_layer_slot_views_are_made_at_write_and_follow_resize_and_reset():
     """slot(i) hands out views made when slot i was written (not sliced on every call of every layer), into
-    the stacks that hold it: after `resized` into the new stacks, after `reset` empty."""
+    the stacks that hold it (B_iᵀ as contiguous rows): after `resized` into the new stacks, after `reset`
+    empty."""
     from lorakit.slots import LayerSlots
 
     ls = LayerSlots(2, 4, 6, 5, torch.float32, "cpu")
@@ -277,6 +278,7 @@ def test_layer_slot_views_are_made_at_write_and_follow_resize_and_reset():
     a, b, factor = ls.slot(1)
     assert torch.equal(a, A) and torch.equal(b, sB) and factor is None
     assert a.data_ptr() == ls.A[4].data_ptr() and ls.slot(1)[0] is a  # the same view object every call
+    assert b.t().is_contiguous()  # s·B_iᵀ is contiguous rows of the stack (what the up-projection reads)
     big = ls.resized(3, 8)
     a2, b2, _ = big.slot(1)
     assert a2.data_ptr() == big.A[8].data_ptr() and torch.equal(a2, A) and torch.equal(b2, sB)

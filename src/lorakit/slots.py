@@ -43,14 +43,18 @@ SLOTS_ATTR = "lorakit_slots"  # where a model keeps its attached RowSlots (model
 
 
 class LayerSlots:
-    """One layer's stacked slots. A (S·rmax, in), B (out, S·rmax) with each slot's scale folded in, ranks (S,)
+    """One layer's stacked slots. A (S·rmax, in), B (out, S·rmax; a transposed view of (S·rmax, out)
+    storage) with each slot's scale folded in, ranks (S,)
     (0: empty, or the adapter has nothing on this layer), row_factor (S + 1, out) DoRA's ratio - 1 per slot
     (row S: rows without an adapter) or None while no DoRA adapter is resident."""
 
     def __init__(self, capacity: int, rmax: int, d_in: int, d_out: int, dtype, device) -> None:
         self.rmax = rmax
         self.A = torch.zeros(capacity * rmax, d_in, dtype=dtype, device=device)
-        self.B = torch.zeros(d_out, capacity * rmax, dtype=dtype, device=device)
+        # Stored as (S·rmax, out), seen as (out, S·rmax): one slot's s·B_iᵀ is then rows [c, c + r) of the
+        # storage, contiguous, where a column slice of a row-major (out, S·rmax) would touch one cache line per
+        # output row (measured cold, 1536 × 16 of 8 slots: 35-70 µs for the up-projection vs 50-140 µs).
+        self.B = torch.zeros(capacity * rmax, d_out, dtype=dtype, device=device).t()
         self.ranks = [0] * capacity
         self.row_factor: Tensor | None = None
         self.rescaled = [False] * capacity  # slot i has a DoRA factor
