@@ -4,7 +4,6 @@ graph), and a compiled multi-micro-batch run compiles once, not once per micro-b
 from __future__ import annotations
 
 import io
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,21 +12,11 @@ from torch._dynamo.utils import counters
 import lorakit
 from conftest import randomize_adapters, tiny_llama
 from lorakit.data import collate
-from lorakit.losses import causal_lm_loss
 from lorakit.train import packing, row_attention_compiled
 from lorakit.train.loop import fit
 from lorakit.train.row_attention import row_attention
+from test_packing import loss_and_grads, rows, tiny_qwen2
 from train_tiny import config, examples
-
-
-def rows(n, seed):
-    """Rows of 3..17 tokens; the first 2 tokens carry no loss (a prompt)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 128, (int(torch.randint(3, 18, (1,), generator=g)),), generator=g).tolist()
-        out.append(SimpleNamespace(input_ids=ids, labels=[-100] * 2 + ids[2:]))
-    return out
 
 
 def adapted(build=tiny_llama, layers=2):
@@ -39,16 +28,6 @@ def adapted(build=tiny_llama, layers=2):
     return model.train()
 
 
-def loss_and_grads(model, batch, chunk=0):
-    model.zero_grad(set_to_none=True)
-    s, n = causal_lm_loss(
-        model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], chunk,
-        position_ids=batch.get("position_ids"),
-    )  # fmt: skip
-    (s / n).backward()
-    return s.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
 def assert_same(got, ref):
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     assert got[1] == ref[1]
@@ -58,8 +37,6 @@ def assert_same(got, ref):
 
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_compiled_rows_attention_eager_equals_padded(chunk):
-    from test_packing import tiny_qwen2
-
     for build in (tiny_llama, tiny_qwen2):
         model, data = adapted(build), rows(5, seed=1)
         padded = loss_and_grads(model, collate(data, pad_id=0), chunk)
