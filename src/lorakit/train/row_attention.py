@@ -28,7 +28,7 @@ NAME = "lorakit_rows"
 # same in any bin, but transformers still builds sdpa's (bins, 1, L, L) bool mask from the position ids (16 MB a
 # bin at 4096 tokens), which this bounds.
 WIDEST = 4096
-_EXOTIC = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")  # what per-row sdpa cannot honour
+EXOTIC = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")  # what per-row sdpa cannot honour
 
 
 def segments(positions: Tensor) -> list[tuple[int, int]]:
@@ -37,6 +37,13 @@ def segments(positions: Tensor) -> list[tuple[int, int]]:
     if not starts or starts[0] != 0:
         starts = [0, *starts]
     return list(zip(starts, [*starts[1:], positions.shape[0]]))
+
+
+def batch_segments(positions: Tensor, batch: int) -> list[list[tuple[int, int]]]:
+    """`segments` of each of `batch` sequences; positions (batch or 1, L) (one row of ids serves them all)."""
+    if positions.shape[0] != batch:
+        positions = positions.expand(batch, -1)
+    return [segments(positions[b]) for b in range(batch)]
 
 
 def rows_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -49,16 +56,14 @@ def rows_attention_forward(module, query, key, value, attention_mask, dropout=0.
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if positions.shape[0] != query.shape[0]:
-        positions = positions.expand(query.shape[0], -1)
     rows = []
-    for b in range(query.shape[0]):
+    for b, segs in enumerate(batch_segments(positions, query.shape[0])):
         parts = [
             sdpa_attention_forward(
                 module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], None,
                 dropout=dropout, scaling=scaling, is_causal=True,
             )[0]
-            for s, e in segments(positions[b])
+            for s, e in segs
         ]  # fmt: skip
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
@@ -69,7 +74,7 @@ def _packed(module, query: Tensor, key: Tensor, positions, kwargs: dict) -> bool
         return False
     if key.shape[2] != query.shape[2] or query.shape[2] < 2 or not getattr(module, "is_causal", True):
         return False
-    if any(kwargs.get(k) is not None for k in _EXOTIC) or kwargs.get("is_causal") is False:
+    if any(kwargs.get(k) is not None for k in EXOTIC) or kwargs.get("is_causal") is False:
         return False
     return bool((positions[:, 1:] == 0).any())  # a restart inside a sequence: rows are packed
 

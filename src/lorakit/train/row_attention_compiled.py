@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .row_attention import segments
+from .row_attention import EXOTIC, batch_segments
 
 NAME = "lorakit_rows_compiled"
-_EXOTIC = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")  # what per-row sdpa cannot honour
-
-
-def _rows(positions: Tensor, batch: int) -> list[list[tuple[int, int]]]:
-    if positions.shape[0] != batch:
-        positions = positions.expand(batch, -1)
-    return [segments(positions[b]) for b in range(batch)]
 
 
 @torch.library.custom_op("lorakit::rows_attention", mutates_args=())
@@ -40,7 +33,7 @@ def rows_attention_op(query: Tensor, key: Tensor, value: Tensor, positions: Tens
     """query / key / value (B, H, L, D) (key and value already repeated to H heads), positions (B or 1, L) ->
     (B, H, L, D): each row's causal attention over its own segment (rows start where a position id is 0)."""
     out = torch.empty_like(query)
-    for b, segs in enumerate(_rows(positions, query.shape[0])):
+    for b, segs in enumerate(batch_segments(positions, query.shape[0])):
         for s, e in segs:
             q, k, v = query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]
             out[b : b + 1, :, s:e] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -64,7 +57,7 @@ def rows_attention_backward_op(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
     # torch.func.vjp, not autograd.grad: an operator's body runs below the autograd dispatch key.
-    for b, segs in enumerate(_rows(positions, query.shape[0])):
+    for b, segs in enumerate(batch_segments(positions, query.shape[0])):
         for s, e in segs:
             _, vjp = torch.func.vjp(attend, *(t[b : b + 1, :, s:e] for t in (query, key, value)))
             gq, gk, gv = vjp(grad[b : b + 1, :, s:e])
@@ -108,7 +101,7 @@ def rows_attention_compiled_forward(
     rows = attention_mask is None and isinstance(positions, Tensor) and key.shape[2] == query.shape[2]
     if not rows or not getattr(module, "is_causal", True) or kw.get("is_causal") is False:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kw)
-    exotic = [k for k in _EXOTIC if kw.get(k) is not None]
+    exotic = [k for k in EXOTIC if kw.get(k) is not None]
     if dropout or exotic:
         raise ValueError(
             f"{NAME}: attention {'dropout ' + str(dropout) if dropout else exotic[0]} is not supported by the "
