@@ -68,8 +68,14 @@ def prepare(model: str, tmp: Path, n_adapters: int, rank: int) -> tuple[str, lis
         char_tokenizer().save_pretrained(tmp / model)
         model = str(tmp / model)
     base, _ = load_model(model)
+    return model, random_adapters(base, tmp, n_adapters, rank) + kinds(base, tmp, rank)
+
+
+def random_adapters(base, tmp: Path, n: int, rank: int) -> list[Path]:
+    """`n` plain r=`rank` all-linear adapters a0..a{n-1} with random factors (seeded by their index), saved under
+    tmp/adapters and taken off `base` again; their directories."""
     dirs = []
-    for i in range(n_adapters):
+    for i in range(n):
         lorakit.add_adapter(
             base, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), name=f"a{i}"
         )
@@ -80,7 +86,7 @@ def prepare(model: str, tmp: Path, n_adapters: int, rank: int) -> tuple[str, lis
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
         dirs.append(lorakit.save_adapter(base, tmp / "adapters", name=f"a{i}"))
         lorakit.delete_adapter(base, f"a{i}")
-    return model, dirs + kinds(base, tmp, rank)
+    return dirs
 
 
 KINDS = ("k_dora", "k_tokens", "k_saved")
@@ -268,19 +274,7 @@ def shape_model(shape: str, tmp: Path, n_adapters: int, rank: int):
                       eos_token_id=2)  # fmt: skip
     with torch.no_grad():
         model = LlamaForCausalLM(cfg).eval()
-    dirs = []
-    for i in range(n_adapters):
-        lorakit.add_adapter(
-            model, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), name=f"a{i}"
-        )
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if f".lora.a{i}." in name:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        dirs.append(lorakit.save_adapter(model, tmp / "adapters", name=f"a{i}"))
-        lorakit.delete_adapter(model, f"a{i}")
-    return model, dirs
+    return model, random_adapters(model, tmp, n_adapters, rank)
 
 
 def decode_steps(engine, adapters: list[str | None], steps: int) -> list[float]:
