@@ -128,7 +128,7 @@ def grouped_lora_into_(
     """
     groups, r = A.shape[0], A.shape[1]
     width = index.shape[0] // groups
-    tokens = x[0].numel() // x.shape[-1]
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # (x[0].numel() would be one more op)
     xs = x.index_select(0, index)
     xs = (xs if xs.dtype == A.dtype else xs.to(A.dtype)).view(groups, width * tokens, x.shape[-1])
     u = torch.bmm(A, xs.transpose(1, 2))  # (G, r, P·T): A's rows contiguous, as stored

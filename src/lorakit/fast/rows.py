@@ -55,7 +55,9 @@ def add_rows_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tens
             continue  # this adapter has nothing on this layer
         A, B, factor = slots.slot(i)
         runs = mapping.runs[name]
-        if len(runs) <= MAX_RUNS:
+        if runs == [(0, x.shape[0])]:  # every row (one adapter over the batch): no slicing
+            _add_one_(y, x, A, B, factor, bias)
+        elif len(runs) <= MAX_RUNS:
             for a, b in runs:
                 _add_one_(y[a:b], x[a:b], A, B, factor, bias)
         else:
