@@ -82,5 +82,6 @@ def _grouped_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tens
         LF.dora_rescale_base_(y.view(x.shape[0], -1, y.shape[-1]), factor.unsqueeze(1), bias)
     index, pad = mapping.slot_groups(slots.A.dtype, slots.A.device)
     # B is stored as (S·rmax, out) rows (seen as (out, S·rmax)): its storage is each slot's s·Bᵀ block.
-    LF.grouped_lora_into_(y, x, slots.A.view(used, rmax, -1), slots.B.t().view(used, rmax, -1), index, pad)
+    A, sB = slots.A.view(used, rmax, slots.A.shape[1]), slots.B.t().view(used, rmax, slots.B.shape[0])
+    LF.grouped_lora_into_(y, x, A, sB, index, pad)
     return y
