@@ -8,7 +8,8 @@
 Each Linear-like layer gets preallocated stacks (`LayerSlots`): A (S·rmax, in) and s·B (out, S·rmax), slot i
 in columns [i·rmax, i·rmax + rᵢ) (zero elsewhere), so one grouping of the rows by slot per step (`RowMapping`)
 serves every layer. A slot holds a *copy* of the adapter's factors as they were at `load`: call `load` again
-after changing them (training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters keeps slots valid.
+after changing them (training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters
+keeps slots valid.
 
 A server writes adapters that are not on the model at all (`write`, with a `SlotContent` built once when the
 adapter is registered: serve/resident.py): their factors go straight into the stacks and the few per-module
