@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -302,12 +304,19 @@ def decode_steps(engine, adapters: list[str | None], steps: int) -> list[float]:
     return sorted(1e3 * t for t in times)
 
 
+def scratch_dir() -> Path:
+    """A fresh folder for the run's model and adapters (~150 MB to 2.5 GB), removed when the script exits."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp
+
+
 def run_shape(args) -> None:
     """The decode-step comparison at `args.shape` (module docstring): prints a table, writes JSON."""
     from lorakit.serve import AdapterRegistry, Engine
 
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    tmp = scratch_dir()
     start = time.perf_counter()
     model, dirs = shape_model(args.shape, tmp, 8, args.rank)
     slot_dtype = getattr(torch, args.slot_dtype) if args.slot_dtype else None
@@ -411,7 +420,7 @@ def main() -> None:
     if args.shape:
         return run_shape(args)
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    tmp = scratch_dir()
     model, dirs = prepare(args.model, tmp, max(8, args.many), args.rank)
     n, c = args.requests, args.concurrency
     prompts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 9)) for i in range(n)]
