@@ -44,10 +44,9 @@ CONFIGS = {
 def make_step(args, base, name: str):
     """A closure running one training step of configuration `name` on a copy of `base`."""
     import torch
+    from transformers import LlamaModel
 
     from lorakit.losses import causal_lm_loss
-
-    from transformers import LlamaModel
 
     lib, dropout, save_x = CONFIGS[name]
     model = bench_lora.with_adapters(copy.deepcopy(base), lib, dropout, save_x=save_x)
