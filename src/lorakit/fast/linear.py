@@ -165,63 +165,41 @@ class LoraLinearFunction(torch.autograd.Function):
         # With dropout the uint8 mask becomes a float one once, for both D(x) and D(G A); the N×in buffer
         # holding D(x) for dA is reused for G A and becomes dx (fresh N×in tensors cost page faults on CPU)
         keepf = None if keep is None else keep.to(A.dtype)
-        dAs, buf = [None] * k, None
+        dAs, xm = [None] * k, None
         if any(need_A):
-            dA, buf = _dA(ctx.plan, kept, G, A, keepf, N)
+            x = kept[0] if ctx.plan is None else recompute.rebuild(ctx.plan, kept)
+            xa = x.reshape(N, -1)
+            xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
+            if keepf is not None:
+                fresh = xa.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in kept}
+                xm = xa.mul_(keepf) if fresh and xa.is_contiguous() else xa * keepf
+                xa = xm
+            dA = G.t() @ xa
             dAs = list(dA.split([B.shape[1] for B in Bs]))
+            del x, xa  # a rebuilt x lives only for dA (or as the buffer of D(G A))
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _dx(dy2s, Ws, G, A, keepf, buf, Ws[0].dtype).view(ctx.x_shape)
+            dx = _dx(dy2s, Ws, G, A, keepf, xm, Ws[0].dtype).view(ctx.x_shape)
         return (dx, None, None, None, None, None, *([None] * k), *dbs, *dAs, *dBs)
-
-
-def _dA(plan, kept, G: Tensor, A: Tensor, keepf, n: int) -> tuple[Tensor, Tensor | None]:
-    """(dA_cat = Gᵀ (M ⊙ x) (R, in): G (N, R) carries s and 1/(1-p), a contiguous (N, in) tensor in A's dtype
-    free to become dx, or None).
-
-    x is the saved one, or rebuilt from `kept` (recompute.rebuild): a rebuilt x is a fresh tensor, masked in
-    place and then handed on as dx's buffer. An RMSNorm output x = c ⊙ (h ⊙ r) is not rebuilt at all
-    (recompute.scaled_factors): dA = ((G ⊙ r)ᵀ (M ⊙ h)) ⊙ c, the same sums in another rounding order.
-    """
-    fac = None if plan is None else recompute.scaled_factors(plan, kept)
-    if fac is not None and fac[0].dtype == A.dtype:
-        h, r, c = fac
-        hm = h if keepf is None else torch.mul(h, keepf)
-        return ((G * r).t() @ hm).mul_(c), (None if keepf is None else hm)
-    x = kept[0] if plan is None else recompute.rebuild(plan, kept)
-    xa = x.reshape(n, -1)
-    xa = xa if xa.dtype == A.dtype else xa.to(A.dtype)
-    own = {t.untyped_storage().data_ptr() for t in kept}
-    fresh = xa.is_contiguous() and xa.untyped_storage().data_ptr() not in own
-    if keepf is not None:
-        xa = xa.mul_(keepf) if fresh else xa * keepf
-        fresh = True
-    return G.t() @ xa, (xa if fresh else None)
 
 
 def _dx(dy2s, Ws, G: Tensor, A: Tensor, keepf, buf, dtype) -> Tensor:
     """dx = Σ dy_i W_i + D(G A), accumulated in place into one (N, in) buffer.
 
     keepf: the float keep-mask (None: no dropout). buf: None or a contiguous (N, in) tensor in A's dtype free
-    to receive dx (what `_dA` hands on): then no N×in tensor is allocated here. With dropout (and dx in A's
-    dtype) dx starts as M ⊙ (G A) and the base terms are accumulated into it; without, the terms are summed
-    in the same order as into a fresh dx (dy_1 W_1, + dy_i W_i, + G A), so both give the same bits.
+    to receive G A. With dropout (and dx in A's dtype) dx starts as M ⊙ (G A), in buf, and the base terms are
+    accumulated into it: no N×in tensor is allocated here.
     """
-    terms = [(dy2, W) for dy2, W in zip(dy2s, Ws) if dy2 is not None]
-    if dtype == A.dtype and (keepf is not None or buf is not None):
-        if keepf is not None or not terms:
-            dx = G @ A if buf is None else torch.mm(G, A, out=buf)
-            if keepf is not None:
-                dx.mul_(keepf)
-            for dy2, W in terms:
+    if keepf is not None and dtype == A.dtype:
+        dx = (G @ A if buf is None else torch.mm(G, A, out=buf)).mul_(keepf)
+        for dy2, W in zip(dy2s, Ws):
+            if dy2 is not None:
                 dx.addmm_(dy2, W)
-            return dx
-        dx = torch.mm(terms[0][0], terms[0][1], out=buf)
-        for dy2, W in terms[1:]:
-            dx.addmm_(dy2, W)
-        return dx.addmm_(G, A)
+        return dx
     dx = None
-    for dy2, W in terms:
+    for dy2, W in zip(dy2s, Ws):
+        if dy2 is None:
+            continue
         if dx is None:
             dx = dy2 @ W
         else:

@@ -61,38 +61,6 @@ def rebuild(plan: Plan, kept: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
     return rebuild(plan[1], kept) * rebuild(plan[2], kept)
 
 
-def scaled_factors(
-    plan: Plan, kept: tuple[Tensor, ...] | list[Tensor]
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(h (N, in), r (N, 1), c (in,)) when the plan is x = c ⊙ (h ⊙ r) in some order of the products (an
-    RMSNorm without casts: weight, hidden states, rstd), else None. N = rows of x flattened.
-
-    Then a product with x needs no rebuilt x: Gᵀ x = ((G ⊙ r)ᵀ h) ⊙ c, two N×in passes fewer (h ⊙ r, then
-    ⊙ c). The sums are the same, rounded in another order (fp32 ulps, as a different GEMM blocking would).
-    """
-    leaves: list[Tensor] = []
-    if not _leaves(plan, kept, leaves) or len(leaves) != 3:
-        return None
-    full = [t for t in leaves if t.dim() >= 2 and t.shape[-1] > 1 and t.shape[:-1].numel() > 1]
-    if len(full) != 1:
-        return None
-    h = full[0]
-    n, d = h.shape[:-1].numel(), h.shape[-1]
-    rows = [t for t in leaves if t is not h and tuple(t.shape) == (*h.shape[:-1], 1)]
-    cols = [t for t in leaves if t is not h and t.shape[-1] == d and t.numel() == d]
-    if len(rows) != 1 or len(cols) != 1 or not (h.dtype == rows[0].dtype == cols[0].dtype):
-        return None
-    return h.reshape(n, d), rows[0].reshape(n, 1), cols[0].reshape(d)
-
-
-def _leaves(plan: Plan, kept, out: list[Tensor]) -> bool:
-    """Append the plan's tensors to `out`; False if it casts (the factoring would skip a rounding)."""
-    if plan[0] == "t":
-        out.append(kept[plan[1]])
-        return True
-    return plan[0] == "mul" and _leaves(plan[1], kept, out) and _leaves(plan[2], kept, out)
-
-
 def set_recompute(model: torch.nn.Module, on: bool) -> None:
     """Whether the Lora layers of `model` rebuild their input in backward (True, the default) or save it."""
     from ..adapters import lora_layers
