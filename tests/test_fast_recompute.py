@@ -221,3 +221,22 @@ def test_offload_activations_is_exact_and_leaves_parameters(make, ids):
     assert ctx.stats["kept"] >= len(packs) - len(copied)  # every parameter stayed
     if make is tiny_llama:  # h is saved by the RMSNorm's pow and its mul: copied once
         assert ctx.stats["tensors"] < len(copied)
+
+
+def test_plan_shape_and_dtype_are_torchs_broadcasting_and_promotion():
+    """_meta computes a plan's result shape and dtype in Python: the same as torch's, on every pair here."""
+    import itertools
+
+    shapes = [(), (1,), (3,), (2, 1), (1, 3), (2, 3), (0,), (2, 0), (4, 1, 3), (5,)]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for sa, sb in itertools.product(shapes, shapes):
+        kept = [torch.empty(sa, dtype=torch.float16, device="meta"), torch.empty(sb, device="meta")]
+        try:
+            want = (tuple(torch.broadcast_shapes(sa, sb)), torch.result_type(*kept))
+        except RuntimeError:
+            want = None
+        assert recompute._meta(("mul", ("t", 0), ("t", 1)), kept) == want, (sa, sb)
+    for da, db in itertools.product(dtypes, dtypes):
+        for sa, sb in [((2, 3), (3,)), ((), (3,)), ((2, 3), ())]:
+            kept = [torch.empty(sa, dtype=da, device="meta"), torch.empty(sb, dtype=db, device="meta")]
+            assert recompute._meta(("mul", ("t", 0), ("t", 1)), kept)[1] == torch.result_type(*kept)

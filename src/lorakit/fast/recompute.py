@@ -119,7 +119,9 @@ def _cast_target(child, other: Tensor, out_dtype: torch.dtype | None) -> torch.d
 
 
 def _meta(plan: Plan, kept: list[Tensor]) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """(shape, dtype) of the plan's result, computed on meta tensors (no data touched)."""
+    """(shape, dtype) of the plan's result, without touching data: broadcasting and type promotion computed
+    on the shapes in Python (meta tensors and torch.broadcast_shapes made `source` take ~40 µs per RMSNorm
+    input, in every forward; now ~12), meta tensors only for a 0-dim operand beside a dimensioned one."""
     try:
         return _meta_t(plan, kept)
     except RuntimeError:  # shapes that do not broadcast: not what the producer computed
@@ -135,6 +137,22 @@ def _meta_t(plan: Plan, kept: list[Tensor]):
         shape, _ = _meta_t(plan[2], kept)
         return shape, plan[1]
     (sa, da), (sb, db) = _meta_t(plan[1], kept), _meta_t(plan[2], kept)
-    ta = torch.empty(sa, dtype=da, device="meta")
-    tb = torch.empty(sb, dtype=db, device="meta")
-    return tuple(torch.broadcast_shapes(sa, sb)), torch.result_type(ta, tb)
+    if (len(sa) == 0) == (len(sb) == 0):
+        dtype = torch.promote_types(da, db)
+    else:  # a 0-dim tensor takes part in promotion only across categories: let torch decide
+        dtype = torch.result_type(
+            torch.empty(sa, dtype=da, device="meta"), torch.empty(sb, dtype=db, device="meta")
+        )
+    return _broadcast(sa, sb), dtype
+
+
+def _broadcast(sa: tuple[int, ...], sb: tuple[int, ...]) -> tuple[int, ...]:
+    """torch.broadcast_shapes for two shapes; RuntimeError if they do not broadcast."""
+    n = max(len(sa), len(sb))
+    a, b = (1,) * (n - len(sa)) + sa, (1,) * (n - len(sb)) + sb
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            raise RuntimeError(f"shapes {sa} and {sb} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(out)
