@@ -124,13 +124,14 @@ def sync(args):
         torch.cuda.synchronize()
 
 
-def train_step_fn(args, model, lib, chunk=0):
+def train_step_fn(args, model, lib, chunk=0, shape=(4, 256)):
+    """One training step (forward, loss, backward, AdamW for what trains) on a fixed random batch of `shape`."""
     import torch
 
     from lorakit.losses import causal_lm_loss
 
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 49152, (4, 256), generator=g).to(args.device)
+    ids = torch.randint(3, 49152, shape, generator=g).to(args.device)
     mask = torch.ones_like(ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if lib != "base" else None

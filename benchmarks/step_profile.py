@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import bench_lora  # noqa: E402  (the model, the adapters: one definition of the benchmark's shape)
 
+CPU = argparse.Namespace(device="cpu")  # what bench_lora's helpers read of their args
 CONFIGS = {
     "base": ("base", 0.0, False),
     "d0": ("lorakit", 0.0, False),
@@ -49,26 +50,20 @@ def make_step(args, base, name: str):
     import torch
     from transformers import LlamaModel
 
-    from lorakit.losses import causal_lm_loss
-
     lib, dropout, save_x = CONFIGS[name]
     model = bench_lora.with_adapters(copy.deepcopy(base), lib, dropout, save_x=save_x)
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 49152, (args.batch, args.seq), generator=g)
-    mask = torch.ones_like(ids)
+    if not args.body:
+        return bench_lora.train_step_fn(CPU, model, lib, shape=(args.batch, args.seq))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if lib != "base" else None
     model.train()
     body = next(m for m in model.modules() if isinstance(m, LlamaModel))
+    g = torch.Generator().manual_seed(2)
     h = torch.randn(args.batch, args.seq, base.config.hidden_size, generator=g).requires_grad_(True)
     dy = torch.randn(h.shape, generator=g)
 
-    def step():
-        if args.body:  # the decoder layers and the final norm only: what LoRA changes, undiluted
-            body(inputs_embeds=h).last_hidden_state.backward(dy)
-        else:
-            loss, n = causal_lm_loss(model, ids, mask, ids)
-            (loss / n).backward()
+    def step():  # the decoder layers and the final norm only: what LoRA changes, undiluted
+        body(inputs_embeds=h).last_hidden_state.backward(dy)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -171,7 +166,7 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=2, help="profiled steps per configuration")
     ap.add_argument("--top", type=int, default=18, help="rows of each difference table")
     args = ap.parse_args()
-    torch = bench_lora.setup(argparse.Namespace(device="cpu", threads=args.threads))
+    torch = bench_lora.setup(argparse.Namespace(device=CPU.device, threads=args.threads))
     base = bench_lora.base_model(argparse.Namespace(device="cpu", dtype="fp32", layers=args.layers))
     names = args.configs.split(",")
     steps = {k: make_step(args, base, k) for k in names}
