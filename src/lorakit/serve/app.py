@@ -27,10 +27,13 @@ from .schemas import APIError
 
 
 def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_key: str | None = None,
-               max_tokens_cap: int = 1024, max_body_bytes: int = 8 << 20) -> FastAPI:  # fmt: skip
-    """The FastAPI app. It starts `engine` when the server starts and stops it at shutdown.
+               max_tokens_cap: int = 1024, max_body_bytes: int = 8 << 20,
+               start_engine: bool = True) -> FastAPI:  # fmt: skip
+    """The FastAPI app. It starts `engine` on a thread when the server starts and stops it at shutdown.
 
     Args:
+        start_engine: False when the caller runs the engine's loop itself (`lorakit serve` runs it on the main
+            thread, `Engine.run`, and the server on another: `serve/commands.py`).
         api_key: require `Authorization: Bearer KEY` on /v1/ routes (and turn the docs pages off).
         max_tokens_cap: the largest `max_tokens` a request may ask for.
         max_body_bytes: request bodies above this are refused with a 413.
@@ -39,9 +42,11 @@ def create_app(engine: E.Engine, registry: AdapterRegistry, base_name: str, api_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
-        engine.stop()
+        if start_engine:
+            engine.stop()
 
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key is not None else {}
     app = FastAPI(title="lorakit", lifespan=lifespan, **docs)

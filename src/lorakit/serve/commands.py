@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..cli_args import add_device, add_ignore_fingerprint
@@ -64,8 +66,9 @@ def base_name_of(model: str) -> str:
     return model if model == "default" else Path(model).expanduser().name.removesuffix(".gguf") or model
 
 
-def build(args: argparse.Namespace):
-    """(app, engine) from parsed arguments: the model loaded and every --adapter loaded once (validated)."""
+def build(args: argparse.Namespace, start_engine: bool = True):
+    """(app, engine) from parsed arguments: the model loaded and every --adapter loaded once (validated).
+    start_engine: whether the app starts the engine's thread (`run` drives the engine on the main thread)."""
     import torch
 
     from lorakit.models import load_model
@@ -94,7 +97,7 @@ def build(args: argparse.Namespace):
     engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, max_len=args.max_len,
                     prefill_chunk=args.prefill_chunk)  # fmt: skip
     app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
-                     max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+                     max_body_bytes=int(args.max_body_mb * 2**20), start_engine=start_engine)  # fmt: skip
     return app, engine
 
 
@@ -104,8 +107,40 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("lorakit serve needs fastapi and uvicorn: pip install 'lorakit[serve]'", file=sys.stderr)
         return 1
-    app, _ = build(args)
+    app, engine = build(args, start_engine=False)
     # Bounded graceful shutdown: requests still running after it are cancelled (the engine stops with them).
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
-    return 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
+    return serve_on_main_thread(uvicorn.Server(config), engine)
+
+
+def serve_on_main_thread(server, engine) -> int:
+    """Run `server` (a uvicorn.Server) on a thread and `engine`'s loop on this one, the thread that loaded the
+    model (why: `Engine.run`), until the server exits; SIGINT / SIGTERM shut the server down as uvicorn
+    does (a second one forces it), the engine decoding on meanwhile for the requests it lets finish.
+    Returns 0, or 1 when the server did not start (a port in use, say)."""
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot start (it has logged why)
+            pass
+        finally:
+            engine.stop()  # the requests the server left are cancelled; run() below returns
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    thread = threading.Thread(target=http, name="lorakit-http", daemon=True)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        engine.run(until=lambda: not thread.is_alive())
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        server.should_exit = True
+        thread.join()
+    return 0 if server.started else 1
