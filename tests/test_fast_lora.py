@@ -222,7 +222,7 @@ def test_fallbacks_still_correct(ids):
         assert torch.equal(grads[n], ref_grads[n]), n
 
 
-@pytest.mark.parametrize("seq", [7, 60])  # 5×7 tokens: the stacked decode path; 5×60 > STACK_TOKENS: runs
+@pytest.mark.parametrize("seq", [7, 60])  # 5×7 tokens: the grouped decode path; 5×60 > STACK_TOKENS: runs
 # Three adapters meet on q_proj / up_proj in the last case: STACK_AT_ONCE, stacked from the first call.
 @pytest.mark.parametrize(
     "names",
@@ -242,7 +242,7 @@ def test_per_row_runs_match_single_adapter_rows(names, seq):
     x = torch.randint(3, 128, (len(names), seq), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), lorakit.per_row_adapters(model, names):
         mixed = model(x).logits
-        again = model(x).logits  # decode sizes: the second call in a context takes the stacked path
+        again = model(x).logits  # decode sizes: the second call in a context takes the grouped path
     torch.testing.assert_close(again, mixed, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for i, n in enumerate(names):
@@ -268,7 +268,7 @@ def _rows_reference(model, x, names):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("seq", [3, 70])  # 4×3 tokens: stacked; 4×70 > STACK_TOKENS (256): by runs
+@pytest.mark.parametrize("seq", [3, 70])  # 4×3 tokens: grouped; 4×70 > STACK_TOKENS (256): by runs
 def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
     """Attached RowSlots hold copies written at load (vLLM's set_lora / reset_lora): per_row_adapters reads
     them and builds nothing; an in-place change shows only after a reload; delete_adapter evicts."""
@@ -402,7 +402,7 @@ def test_fused_group_with_one_sibling_not_called_or_other_input(ids):
     torch.testing.assert_close(x.grad, torch.autograd.grad(refq.sum(), x2)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("seq", [3, 70])  # 4×3 tokens: stacked; 4×70 > STACK_TOKENS (256): by runs
+@pytest.mark.parametrize("seq", [3, 70])  # 4×3 tokens: grouped; 4×70 > STACK_TOKENS (256): by runs
 def test_bfloat16_slots_equal_each_adapter_alone_at_bfloat16_precision(seq):
     """RowSlots(dtype=bfloat16) over fp32 adapters (LoRA and DoRA): stacks in bf16, rows equal each adapter
     alone in fp32 within bf16 rounding (and not bit-equal: the bf16 stacks are what ran). The adapters are

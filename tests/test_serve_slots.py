@@ -242,7 +242,7 @@ async def _post_adapter(engine, reg, body):
 
 def test_a_step_with_one_adapter_reads_its_own_factors_alone(setup, monkeypatch):
     """An adapter resident in slot 2 with slots 0-1 filled: a step whose rows use it alone never takes the
-    stacked pair (which would multiply by slots 0-2), and gives the logits of a step that mixes it with others
+    grouped pair (which would multiply by slots 0-2), and gives the logits of a step that mixes it with others
     (within float rounding); a mixed step still stacks."""
     from lorakit.fast import rows as fast_rows
 
@@ -250,8 +250,8 @@ def test_a_step_with_one_adapter_reads_its_own_factors_alone(setup, monkeypatch)
     for n in ("big", "dora", "tok"):
         assert reg.acquire(n)
     stacked = []
-    real = fast_rows._stacked_
-    monkeypatch.setattr(fast_rows, "_stacked_", lambda *a: (stacked.append(1), real(*a))[1])
+    real = fast_rows._grouped_
+    monkeypatch.setattr(fast_rows, "_grouped_", lambda *a: (stacked.append(1), real(*a))[1])
     ids = torch.tensor([PROMPT] * 2)
     with torch.no_grad():
         with lorakit.per_row_adapters(reg.model, ["tok", None]):
@@ -259,7 +259,7 @@ def test_a_step_with_one_adapter_reads_its_own_factors_alone(setup, monkeypatch)
         assert stacked == []
         with lorakit.per_row_adapters(reg.model, ["tok", "big"]):
             mixed = reg.model(input_ids=ids).logits
-        assert stacked  # two adapters in the step: the stacked pair
+        assert stacked  # two adapters in the step: the grouped pair
         with lorakit.per_row_adapters(reg.model, [None, None]):
             base = reg.model(input_ids=ids).logits
     torch.testing.assert_close(alone[0], mixed[0], atol=1e-5, rtol=0)

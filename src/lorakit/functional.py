@@ -111,6 +111,34 @@ def lora_up_(y: Tensor, u: Tensor, B: Tensor, scale: float = 1.0) -> None:
         y2.add_((u @ B.t()).mul_(scale).to(y.dtype))
 
 
+def grouped_lora_into_(
+    y: Tensor, x: Tensor, A: Tensor, sB: Tensor, index: Tensor, keep: Tensor | None = None
+) -> Tensor:
+    """y[index[g·P + p]] += (x[index[g·P + p]] A_gᵀ) (s·B_g)ᵀ for G groups of P rows each, in place: many
+    adapters over one batch, each group of rows with its own factors, as two bmm and one index_add_ (the
+    same math as `lora_into_` per group, tested against it per row).
+
+    Args:
+        y: (batch, ..., out), written in place. x: (batch, ..., in), same leading shape.
+        A: (G, r, in). sB: (G, r, out): the up-projection transposed, its scale folded in.
+        index: (G·P,) long, batch rows (repeats allowed: their deltas add up).
+        keep: optional (G, 1, P, 1) mask on each place's delta (0: a padding place, adds nothing).
+    Returns:
+        u (G, r, P·T), T = tokens per row, in A's dtype.
+    """
+    groups, r = A.shape[0], A.shape[1]
+    width = index.shape[0] // groups
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # (x[0].numel() would be one more op)
+    xs = x.index_select(0, index)
+    xs = (xs if xs.dtype == A.dtype else xs.to(A.dtype)).view(groups, width * tokens, x.shape[-1])
+    u = torch.bmm(A, xs.transpose(1, 2))  # (G, r, P·T): A's rows contiguous, as stored
+    if keep is not None:
+        u.view(groups, r, width, tokens).mul_(keep)
+    delta = torch.bmm(u.transpose(1, 2), sB).view(groups * width, *y.shape[1:])
+    y.index_add_(0, index, delta if delta.dtype == y.dtype else delta.to(y.dtype))
+    return u
+
+
 def lora_embedding(ids: Tensor, A: Tensor, B: Tensor, scale: float, padding_idx: int | None = None) -> Tensor:
     """The LoRA branch of an Embedding: s · (onehot(ids) @ Aᵀ) @ Bᵀ, i.e. rows of Aᵀ looked up, then B.
 

@@ -28,9 +28,10 @@ class RowsPath:
         Trainable tokens first (as forward applies them), then LoRA: under no_grad from the per-row slots
         (stacked or by runs, fast/rows.py), with gradients from the adapters' own tensors, out of place.
         """
-        for name, rows in mapping.groups.items():
-            if name in self.tokens:
-                ys = self._apply_tokens(self.tokens[name], x.index_select(0, rows), y.index_select(0, rows))
+        tokens = self.tokens._modules  # (a plain dict: ModuleDict's `in` is a Python call per row group)
+        for name, rows in mapping.groups.items() if tokens else ():
+            if name in tokens:
+                ys = self._apply_tokens(tokens[name], x.index_select(0, rows), y.index_select(0, rows))
                 y = y.index_copy(0, rows, ys)
         slots = mapping.slots.layer_slots(self)
         if slots is not None and not torch.is_grad_enabled():

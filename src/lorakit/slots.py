@@ -6,9 +6,10 @@
     with lorakit.per_row_adapters(model, ["a", None, "b"]): model(batch)   # one RowMapping for the step
 
 Each Linear-like layer gets preallocated stacks (`LayerSlots`): A (S·rmax, in) and s·B (out, S·rmax), slot i
-in columns [i·rmax, i·rmax + rᵢ) (zero elsewhere), so one column mask per step serves every layer. A slot
-holds a *copy* of the adapter's factors as they were at `load`: call `load` again after changing them
-(training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters keeps slots valid.
+in columns [i·rmax, i·rmax + rᵢ) (zero elsewhere), so one grouping of the rows by slot per step (`RowMapping`)
+serves every layer. A slot holds a *copy* of the adapter's factors as they were at `load`: call `load` again
+after changing them (training, an in-place edit). `delete_adapter` evicts a deleted adapter; adding adapters
+keeps slots valid.
 
 A server writes adapters that are not on the model at all (`write`, with a `SlotContent` built once when the
 adapter is registered: serve/resident.py): their factors go straight into the stacks and the few per-module
@@ -373,7 +374,8 @@ class RowMapping:
     """Which slot each batch row uses, for one step: built once, read by every layer (rowstate.current()).
 
     groups: {name: rows (long tensor)}; runs: {name: contiguous [start, stop) runs}; slot_of: {name: slot};
-    the per-row slot indices and the column masks, made here for every dtype / device the slots use.
+    the per-row slot indices (DoRA's factors), and the slot grouping of the rows (`slot_groups`): made here
+    for every dtype / device the slots use.
     slots: the step's view of the slots (`StepSlots`): only the slots up to the highest one a row uses.
     """
 
@@ -394,24 +396,31 @@ class RowMapping:
         self.groups = {n: torch.tensor(r, device=device) for n, r in rows.items()}
         per_row = [slots.capacity if n is None else self.slot_of[n] for n in names]
         self.slots = StepSlots(slots, max(self.slot_of.values(), default=-1) + 1)
-        width = self.slots.used * slots.rmax
+        by_slot = [[row for row, i in enumerate(per_row) if i == s] for s in range(self.slots.used)]
+        self.width = max((len(r) for r in by_slot), default=0)  # P: rows of the fullest slot
+        # Slot s's rows at [s·P, s·P + count); the rest of its P places repeat one row of the batch (its own
+        # first row, else row 0): pad_mask zeroes their delta, and they are added back onto that same row.
+        index = [r[k] if k < len(r) else (r[0] if r else 0) for r in by_slot for k in range(self.width)]
+        pads = [[[1.0 if k < len(r) else 0.0] for k in range(self.width)] for r in by_slot]
         kinds = {(s.A.dtype, s.A.device) for s in slots._layers.values()}
-        self._masks: dict = {}
+        self._pad_masks: dict = {}
         self._slot_rows: dict = {}
+        self._group_index: dict = {}
         for dtype, dev in kinds:
-            mask = torch.zeros(len(names), 1, width, dtype=dtype)
-            for row, i in enumerate(per_row):
-                if i < slots.capacity:
-                    mask[row, :, i * slots.rmax : (i + 1) * slots.rmax] = 1
-            self._masks[(dtype, dev)] = mask.to(dev)
+            mask = torch.tensor(pads, dtype=dtype).view(len(by_slot), 1, self.width, 1)
+            self._pad_masks[(dtype, dev)] = mask.to(dev)
             self._slot_rows[dev] = torch.tensor(per_row, device=dev)
+            self._group_index[dev] = torch.tensor(index, dtype=torch.long, device=dev)
 
     def covers(self, layer: nn.Module) -> bool:
         """Whether `layer` belongs to the model these slots serve."""
         return layer in self.slots.members
 
-    def column_mask(self, dtype, device) -> Tensor:
-        return self._masks[(dtype, device)]
+    def slot_groups(self, dtype, device) -> tuple[Tensor, Tensor]:
+        """(index (used·P,), pad_mask (used, 1, P, 1)) with used = `slots.used`, P = `width`: the batch rows
+        of slot s are index[s·P : s·P + count_s] (the rest pads, pad_mask 0), for the grouped path
+        (fast/rows.py `_grouped_`)."""
+        return self._group_index[device], self._pad_masks[(dtype, device)]
 
     def slot_rows_on(self, device) -> Tensor:
         return self._slot_rows[device]

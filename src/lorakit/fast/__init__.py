@@ -11,7 +11,7 @@ layer's decision (layer_paths.FastLinearPath.forward), the arithmetic is here, o
 - Inference (no gradient needed), any number of active adapters on a Linear-like layer, quantized bases
   included: the base output plus each adapter's in-place `add_` (variants.py; DoRA included).
 - Per-row adapters (mixed batches, `per_row_adapters`): `rows.add_rows_`, from the slots written when
-  adapters load (slots.py): one stacked (matmul, mask, addmm_) at decode sizes, contiguous runs otherwise.
+  adapters load (slots.py): one grouped pair (two bmm over the slots) at decode sizes, contiguous runs otherwise.
 Everything else (several adapters or DoRA while training, trainable tokens while training, autocast, a
 trainable or non-float base weight, Embedding, Conv2d) takes the plain path.
 
