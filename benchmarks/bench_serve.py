@@ -370,12 +370,11 @@ def run_in_process(args, model: str, dirs: list[Path], plans: dict, max_adapters
     )
     for d in dirs:
         registry.add(d.name, d)
-    with Engine(m, tok, registry, max_batch=args.concurrency) as engine:
-        names = [*KINDS, *(d.name for d in dirs[:8])]  # plain ones last: resident for the first scenario
-        engine_scenario(engine, names, ["warm up"] * len(names), 8, 4)
-        return repeated(
-            plans, args.repeat, lambda ms, p, c: engine_scenario(engine, ms, p, c, args.max_tokens)
-        )
+    # Not started: generate() runs the loop on this thread, the one that loaded the model (Engine.run says why).
+    engine = Engine(m, tok, registry, max_batch=args.concurrency)
+    names = [*KINDS, *(d.name for d in dirs[:8])]  # plain ones last: resident for the first scenario
+    engine_scenario(engine, names, ["warm up"] * len(names), 8, 4)
+    return repeated(plans, args.repeat, lambda ms, p, c: engine_scenario(engine, ms, p, c, args.max_tokens))
 
 
 def main() -> None:
