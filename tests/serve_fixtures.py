@@ -30,6 +30,18 @@ def build(tmp_path, adapters=ADAPTERS):
     return model_dir, dirs
 
 
+def served(tmp_path, adapters=ADAPTERS):
+    """`build`, then the reference: the saved base with every adapter loaded, and its tokenizer.
+    Returns (model_dir, {name: dir}, reference model, tokenizer)."""
+    from lorakit.models import load_model
+
+    model_dir, dirs = build(tmp_path, adapters)
+    ref, tok = load_model(str(model_dir))
+    for n, d in dirs.items():
+        lorakit.load_adapter(ref, d, name=n)
+    return model_dir, dirs, ref, tok
+
+
 def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
     """Plain greedy decoding, one request, no batching: `set_adapter` (or the base with adapters disabled)."""
     from transformers import DynamicCache

@@ -13,7 +13,7 @@ import lorakit
 from lorakit.models import load_model
 from lorakit.serve import AdapterAccessError, AdapterConflict, AdapterRegistry, Engine, Request
 from lorakit.serve.sampling import TextStream, next_token
-from serve_fixtures import ADAPTERS, build, reference
+from serve_fixtures import ADAPTERS, reference, served
 
 PROMPTS = [
     "hello",
@@ -31,10 +31,7 @@ NAMES = [None, "a1", "a2", "a3", "a4", "a1", None, "a3"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
-    model_dir, dirs = build(tmp)
-    ref, tok = load_model(str(model_dir))
-    for n, d in dirs.items():
-        lorakit.load_adapter(ref, d, name=n)
+    model_dir, dirs, ref, tok = served(tmp)
     prompts = [tok.encode(p) for p in PROMPTS]
     refs = [reference(ref, p, n, 24) for p, n in zip(prompts, NAMES)]
     return model_dir, dirs, tok, prompts, refs

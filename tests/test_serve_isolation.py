@@ -18,7 +18,7 @@ from lorakit.models import load_model
 from lorakit.serve import AdapterAccessError, AdapterRegistry, AdapterUnsupported, Engine, Request
 from lorakit.serve.files import read_checked
 from lorakit.serve.sampling import next_token
-from serve_fixtures import ADAPTERS, build, reference
+from serve_fixtures import ADAPTERS, reference, served
 
 PROMPTS = ["hello", "the quick brown fox", "a", "zzz yyy xxx"]
 
@@ -26,10 +26,7 @@ PROMPTS = ["hello", "the quick brown fox", "a", "zzz yyy xxx"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("isolation")
-    model_dir, dirs = build(tmp)
-    ref, tok = load_model(str(model_dir))
-    for n, d in dirs.items():
-        lorakit.load_adapter(ref, d, name=n)
+    model_dir, dirs, ref, tok = served(tmp)
     return tmp, model_dir, dirs, ref, tok
 
 

@@ -10,12 +10,11 @@ import time
 import httpx
 import pytest
 
-import lorakit
 from lorakit.models import load_model
 from lorakit.serve import AdapterRegistry, Engine, Request
 from lorakit.serve.app import create_app
 from lorakit.serve.commands import serve_on_main_thread
-from serve_fixtures import ADAPTERS, build, reference
+from serve_fixtures import ADAPTERS, reference, served
 
 PROMPTS = ["hello", "the quick brown fox", "a", "xy"]
 NAMES = [None, "a1", "a2", "a1"]
@@ -24,10 +23,7 @@ NAMES = [None, "a1", "a2", "a1"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
-    model_dir, dirs = build(tmp)
-    ref, tok = load_model(str(model_dir))
-    for n, d in dirs.items():
-        lorakit.load_adapter(ref, d, name=n)
+    model_dir, dirs, ref, tok = served(tmp)
     prompts = [tok.encode(p) for p in PROMPTS]
     refs = [reference(ref, p, n, 12) for p, n in zip(prompts, NAMES)]
     return model_dir, dirs, prompts, refs
@@ -129,7 +125,9 @@ def test_serve_decodes_on_the_main_thread_and_returns_when_the_server_exits(setu
             while not server.started and time.time() < deadline:
                 time.sleep(0.05)
             body = {"model": "a1", "prompt": prompts[1], "max_tokens": 12, "temperature": 0}
-            answers.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json())
+            answers.append(
+                httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+            )
         finally:
             server.should_exit = True
 
