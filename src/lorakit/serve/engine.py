@@ -1,6 +1,7 @@
-"""The serving engine: one thread that decodes every running request together, each row with its own adapter.
+"""The serving engine: one loop that decodes every running request together, each row with its own adapter.
 
-The loop, top to bottom (`Engine._loop`):
+The loop runs on the caller's thread (`Engine.run`, or `generate` on an idle engine: on a CPU, prefer the thread
+that loaded the model; `run` says why) or on a thread of its own (`Engine.start`). Top to bottom (`Engine._loop`):
 1. run queued calls (`Engine.call`): adapter loads and deletes mutate the model, so they happen here, between
    forwards, and hold the batch back only for as long as they take;
 2. admit waiting requests while the batch has room, pinning each one's adapter: first, in arrival order, those
@@ -17,7 +18,7 @@ The loop, top to bottom (`Engine._loop`):
    positions), so a row's greedy output does not depend on the other rows;
 5. sample each row (its own generator when seeded), release text, retire finished rows.
 
-Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the engine thread
+Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the loop's thread
 and must be quick (the HTTP layer hands them to its event loop).
 
 Isolation: whatever fails for one request (its parameters, its adapter's load, sampling, decoding its text, an
