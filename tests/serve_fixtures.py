@@ -42,6 +42,14 @@ def served(tmp_path, adapters=ADAPTERS):
     return model_dir, dirs, ref, tok
 
 
+def served_references(tmp_path, prompts: list[str], names: list, max_tokens: int):
+    """`served`, then each prompt encoded and its plain greedy `reference` under adapter names[i] (None: the
+    base). Returns (model_dir, {name: dir}, tokenizer, prompt ids, references)."""
+    model_dir, dirs, ref, tok = served(tmp_path)
+    ids = [tok.encode(p) for p in prompts]
+    return model_dir, dirs, tok, ids, [reference(ref, p, n, max_tokens) for p, n in zip(ids, names)]
+
+
 def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
     """Plain greedy decoding, one request, no batching: `set_adapter` (or the base with adapters disabled)."""
     from transformers import DynamicCache

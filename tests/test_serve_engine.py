@@ -13,7 +13,7 @@ import lorakit
 from lorakit.models import load_model
 from lorakit.serve import AdapterAccessError, AdapterConflict, AdapterRegistry, Engine, Request
 from lorakit.serve.sampling import TextStream, next_token
-from serve_fixtures import ADAPTERS, reference, served
+from serve_fixtures import ADAPTERS, reference, served_references
 
 PROMPTS = [
     "hello",
@@ -31,10 +31,7 @@ NAMES = [None, "a1", "a2", "a3", "a4", "a1", None, "a3"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
-    model_dir, dirs, ref, tok = served(tmp)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    refs = [reference(ref, p, n, 24) for p, n in zip(prompts, NAMES)]
-    return model_dir, dirs, tok, prompts, refs
+    return served_references(tmp, PROMPTS, NAMES, 24)
 
 
 def make_engine(setup, max_batch=4, max_loaded=None):

@@ -14,7 +14,7 @@ from lorakit.models import load_model
 from lorakit.serve import AdapterRegistry, Engine, Request
 from lorakit.serve.app import create_app
 from lorakit.serve.commands import serve_on_main_thread
-from serve_fixtures import ADAPTERS, reference, served
+from serve_fixtures import ADAPTERS, served_references
 
 PROMPTS = ["hello", "the quick brown fox", "a", "xy"]
 NAMES = [None, "a1", "a2", "a1"]
@@ -23,10 +23,7 @@ NAMES = [None, "a1", "a2", "a1"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
-    model_dir, dirs, ref, tok = served(tmp)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    refs = [reference(ref, p, n, 12) for p, n in zip(prompts, NAMES)]
-    return model_dir, dirs, prompts, refs
+    return served_references(tmp, PROMPTS, NAMES, 12)
 
 
 def engine_with_thread_log(setup):
