@@ -409,6 +409,7 @@ class RowMapping:
         for dtype, dev in kinds:
             mask = torch.tensor(pads, dtype=dtype).view(len(by_slot), 1, self.width, 1)
             self._pad_masks[(dtype, dev)] = mask.to(dev)
+        for dev in {dev for _, dev in kinds}:  # once per device, whatever the dtypes on it
             self._slot_rows[dev] = torch.tensor(per_row, device=dev)
             self._group_index[dev] = torch.tensor(index, dtype=torch.long, device=dev)
 
