@@ -98,3 +98,65 @@ def test_mapping_groups_rows_by_slot_with_masked_spare_places():
     assert mapping.width == 3 and mapping.slots.used == 3
     assert index.tolist() == [3, 3, 3, 0, 0, 0, 0, 2, 4]
     assert keep.flatten().tolist() == [1, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16])
+def test_grouped_lora_into_in_place_order_equals_lora_into_on_each_row(tokens, ydtype):
+    """index None: group g is rows [g·P, (g + 1)·P); each row gets lora_into_ with its group's factors. A
+    batch that is not G equal groups is refused."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, tokens, 5, generator=g)
+    A, sB = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 7, generator=g)
+    y0 = torch.randn(6, tokens, 7, generator=g).to(ydtype)
+    y = y0.clone()
+    LF.grouped_lora_into_(y, x, A, sB)
+    ref = y0.clone()
+    for row in range(6):
+        LF.lora_into_(ref[row], x[row], A[row // 2], sB[row // 2].t())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="5 rows is not 3 groups"):
+        LF.grouped_lora_into_(y[:5], x[:5], A, sB)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_rows_in_slot_order_gather_nothing():
+    """Rows in slot order with equal counts (base rows after): the mapping is in place order, the step
+    runs no index_select / index_add_ / pad mask, and each row's logits equal its adapter alone; the same
+    rows out of order are gathered (and still right); unequal counts are padded and masked."""
+    model = tiny_llama()
+    for name in "ab":
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, targets="all-linear"), name=name)
+    randomize_adapters(model)
+    slots = lorakit.RowSlots(model, capacity=2)
+    slots.load("b", 0), slots.load("a", 1)
+    ids = torch.randint(3, 128, (5, 3), generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    for names, in_order in ((["b", "b", "a", "a", None], True), (["a", "b", None, "a", "b"], False)):
+        mapping = slots.mapping(names)
+        index, keep = mapping.slot_groups(torch.float32, cpu)
+        assert mapping.in_order is in_order and (index is None) is in_order and keep is None
+        with torch.no_grad(), lorakit.per_row_adapters(model, names), _OpNames() as ops:
+            logits = model(ids).logits
+        assert ("index_select" in ops.names) is not in_order and ("index_add_" in ops.names) is not in_order
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name is None:
+                    with lorakit.disable_adapters(model):
+                        alone = model(ids[i : i + 1]).logits
+                else:
+                    lorakit.set_adapter(model, name)
+                    alone = model(ids[i : i + 1]).logits
+                torch.testing.assert_close(logits[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    uneven = slots.mapping(["b", "b", "a", None, None])
+    index, keep = uneven.slot_groups(torch.float32, cpu)
+    assert not uneven.in_order and index.tolist() == [0, 1, 2, 2] and keep.flatten().tolist() == [1, 1, 1, 0]

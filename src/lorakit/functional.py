@@ -112,30 +112,43 @@ def lora_up_(y: Tensor, u: Tensor, B: Tensor, scale: float = 1.0) -> None:
 
 
 def grouped_lora_into_(
-    y: Tensor, x: Tensor, A: Tensor, sB: Tensor, index: Tensor, keep: Tensor | None = None
+    y: Tensor, x: Tensor, A: Tensor, sB: Tensor, index: Tensor | None = None, keep: Tensor | None = None
 ) -> Tensor:
     """y[index[g·P + p]] += (x[index[g·P + p]] A_gᵀ) (s·B_g)ᵀ for G groups of P rows each, in place: many
-    adapters over one batch, each group of rows with its own factors, as two bmm and one index_add_ (the
-    same math as `lora_into_` per group, tested against it per row).
+    adapters over one batch, each group of rows with its own factors, as two bmm (the same math as
+    `lora_into_` per group, tested against it per row).
 
     Args:
         y: (batch, ..., out), written in place. x: (batch, ..., in), same leading shape.
         A: (G, r, in). sB: (G, r, out): the up-projection transposed, its scale folded in.
-        index: (G·P,) long, batch rows (repeats allowed: their deltas add up).
+        index: (G·P,) long, batch rows (repeats allowed: their deltas add up), gathered with one index_select
+            and added back with one index_add_; None: the batch is already in place order (group g is rows
+            [g·P, (g + 1)·P), P = batch / G): views, nothing gathered or scattered.
         keep: optional (G, 1, P, 1) mask on each place's delta (0: a padding place, adds nothing).
     Returns:
         u (G, r, P·T), T = tokens per row, in A's dtype.
+    Raises:
+        ValueError: index None and a batch that is not G groups of equal size.
     """
     groups, r = A.shape[0], A.shape[1]
-    width = index.shape[0] // groups
+    if index is None and x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows is not {groups} groups of equal size")
+    width = (x.shape[0] if index is None else index.shape[0]) // groups
     tokens = x.numel() // (x.shape[0] * x.shape[-1])  # (x[0].numel() would be one more op)
-    xs = x.index_select(0, index)
-    xs = (xs if xs.dtype == A.dtype else xs.to(A.dtype)).view(groups, width * tokens, x.shape[-1])
+    xs = x if index is None else x.index_select(0, index)
+    xs = (xs if xs.dtype == A.dtype else xs.to(A.dtype)).reshape(groups, width * tokens, x.shape[-1])
     u = torch.bmm(A, xs.transpose(1, 2))  # (G, r, P·T): A's rows contiguous, as stored
     if keep is not None:
         u.view(groups, r, width, tokens).mul_(keep)
+    if index is None and y.dtype == sB.dtype and y.is_contiguous():
+        y.view(groups, width * tokens, y.shape[-1]).baddbmm_(u.transpose(1, 2), sB)
+        return u
     delta = torch.bmm(u.transpose(1, 2), sB).view(groups * width, *y.shape[1:])
-    y.index_add_(0, index, delta if delta.dtype == y.dtype else delta.to(y.dtype))
+    delta = delta if delta.dtype == y.dtype else delta.to(y.dtype)
+    if index is None:
+        y.add_(delta)
+    else:
+        y.index_add_(0, index, delta)
     return u
 
 

@@ -402,25 +402,31 @@ class RowMapping:
         # first row, else row 0): pad_mask zeroes their delta, and they are added back onto that same row.
         index = [r[k] if k < len(r) else (r[0] if r else 0) for r in by_slot for k in range(self.width)]
         pads = [[[1.0 if k < len(r) else 0.0] for k in range(self.width)] for r in by_slot]
+        full = all(len(r) == self.width for r in by_slot)  # no spare place: nothing to mask
+        # In place order (slot s is rows [s·P, (s + 1)·P), base rows after): the grouped pair runs on views.
+        self.in_order = full and index == list(range(len(index)))
         kinds = {(s.A.dtype, s.A.device) for s in slots._layers.values()}
         self._pad_masks: dict = {}
         self._slot_rows: dict = {}
         self._group_index: dict = {}
         for dtype, dev in kinds:
-            mask = torch.tensor(pads, dtype=dtype).view(len(by_slot), 1, self.width, 1)
-            self._pad_masks[(dtype, dev)] = mask.to(dev)
+            mask = None if full else torch.tensor(pads, dtype=dtype).view(len(by_slot), 1, self.width, 1)
+            self._pad_masks[(dtype, dev)] = None if mask is None else mask.to(dev)
         for dev in {dev for _, dev in kinds}:  # once per device, whatever the dtypes on it
             self._slot_rows[dev] = torch.tensor(per_row, device=dev)
-            self._group_index[dev] = torch.tensor(index, dtype=torch.long, device=dev)
+            self._group_index[dev] = (
+                None if self.in_order else torch.tensor(index, dtype=torch.long, device=dev)
+            )
 
     def covers(self, layer: nn.Module) -> bool:
         """Whether `layer` belongs to the model these slots serve."""
         return layer in self.slots.members
 
-    def slot_groups(self, dtype, device) -> tuple[Tensor, Tensor]:
+    def slot_groups(self, dtype, device) -> tuple[Tensor | None, Tensor | None]:
         """(index (used·P,), pad_mask (used, 1, P, 1)) with used = `slots.used`, P = `width`: the batch rows
         of slot s are index[s·P : s·P + count_s] (the rest pads, pad_mask 0), for the grouped path
-        (fast/rows.py `_grouped_`)."""
+        (fast/rows.py `_grouped_`). pad_mask None: every place is a row; index None: `in_order`, slot s's
+        rows are rows [s·P, (s + 1)·P)."""
         return self._group_index[device], self._pad_masks[(dtype, device)]
 
     def slot_rows_on(self, device) -> Tensor:

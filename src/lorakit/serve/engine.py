@@ -363,9 +363,17 @@ class Engine(Prefill):
         return True
 
     def _regroup(self) -> None:
-        # Rows grouped by adapter: each adapter's rows are then one contiguous run, which the per-row LoRA
-        # path computes on views, one matmul pair per adapter.
-        order = sorted(range(len(self._rows)), key=lambda i: (self._rows[i].req.adapter or "", i))
+        # Rows in slot order (base rows last): each adapter's rows are one contiguous run, and when the used
+        # slots hold equally many rows the per-row LoRA path runs on views (fast/rows.py), gathering nothing.
+        # (A running row's adapter is pinned, so resident: its slot is fixed while the row runs.)
+        slot = {a: self.registry.slot(a) for a in {row.req.adapter for row in self._rows} if a is not None}
+        last = len(self.registry.slots.names) if slot else 0
+
+        def place(i: int) -> tuple[int, int]:
+            adapter = self._rows[i].req.adapter
+            return (last if adapter is None else slot[adapter], i)
+
+        order = sorted(range(len(self._rows)), key=place)
         if order != list(range(len(self._rows))):
             self._rows = [self._rows[i] for i in order]
             self._cache.keep(order)

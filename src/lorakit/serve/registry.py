@@ -139,6 +139,11 @@ class AdapterRegistry:
         with self._lock:
             return name in self._lru
 
+    def slot(self, name: str) -> int | None:
+        """The slot `name` is resident in (None: not resident). Fixed while a running request pins it."""
+        with self._lock:
+            return self.slots.index_of(name)
+
     def pinned(self) -> dict[str, int]:
         """Running requests per adapter (an adapter with none can be unloaded)."""
         return {n: c for n, c in list(self._pins.items()) if c}
