@@ -21,8 +21,9 @@ request latency, and the ratios. Prints a table and writes JSON (--out).
 
 --shape: instead, the decode step alone at a realistic size (no download): a random-weight model built from a
 config (SHAPES), 8 random r=--rank all-linear adapters, one in-process Engine at batch --concurrency, median
-ms of --steps decode steps per scenario (base / 1 adapter / 8 mixed), --repeat rounds round-robin (the median
-round), and the fastest step of all (the least disturbed one, on a machine others use).
+ms of --steps decode steps per scenario (base / 1 adapter / 8 mixed, as many rows each / 8 mixed unevenly,
+4-3-2-2-2-1-1-1 rows at batch 16), --repeat rounds round-robin (the median round), and the fastest step of all
+(the least disturbed one, on a machine others use).
 """
 
 from __future__ import annotations
@@ -311,6 +312,9 @@ def scratch_dir() -> Path:
     return tmp
 
 
+UNEVEN = (0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7)  # adapter per row of the uneven mix (cycled)
+
+
 def run_shape(args) -> None:
     """The decode-step comparison at `args.shape` (module docstring): prints a table, writes JSON."""
     from lorakit.serve import AdapterRegistry, Engine
@@ -329,6 +333,8 @@ def run_shape(args) -> None:
         "base model": [None] * c,
         "1 adapter": ["a0"] * c,
         "8 adapters mixed": [names[i % 8] for i in range(c)],
+        # 4, 3, 2, 2, 2, 1, 1, 1 rows at batch 16: not in place order, so gathered and padded to 4 places each
+        "8 mixed, uneven": [names[UNEVEN[i % len(UNEVEN)]] for i in range(c)],
     }
     decode_steps(engine, plans["8 adapters mixed"], 1)  # every adapter made resident once
     rounds, fastest = {k: [] for k in plans}, {k: float("inf") for k in plans}
@@ -355,6 +361,7 @@ def run_shape(args) -> None:
            "ms_per_step": ms, "fastest_ms": fastest, "rounds": rounds, "load_average": load,
            "fastest_mixed_vs_base": round(fastest["8 adapters mixed"] / fastest["base model"], 3),
            "mixed_vs_base": round(ms["8 adapters mixed"] / ms["base model"], 3),
+           "uneven_vs_base": round(ms["8 mixed, uneven"] / ms["base model"], 3),
            "single_vs_base": round(ms["1 adapter"] / ms["base model"], 3)}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

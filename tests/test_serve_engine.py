@@ -265,22 +265,27 @@ def test_batched_and_chunked_prefill_equal_one_at_a_time(setup):
 
 def test_rows_decode_in_slot_order_on_views(setup):
     """The engine keeps its rows in slot order (not name order: a3 is made resident before a1, so it has the
-    lower slot), base rows last; with two rows per slot every decode step's mapping is in place order (the
-    grouped pair on views, nothing gathered), and the outputs stay each request's own."""
+    lower slot), base rows last, and prefills them in that order too; with two rows per slot every decode
+    step's mapping is in place order (the grouped pair on views, nothing gathered), and the outputs stay each
+    request's own."""
     *_, prompts, refs = setup
     eng, reg = make_engine(setup, max_batch=5)
     assert reg.acquire("a3") and reg.acquire("a1")
     reg.release("a3"), reg.release("a1")
     assert reg.slot("a3") < reg.slot("a1")
     picks = [1, 3, 5, 7, 0]  # a1, a3, a1, a3, base
-    steps, forward = [], eng._forward
+    steps, prefills, forward = [], [], eng._forward
 
     def spy(adapters, **inputs):
         if inputs["input_ids"].shape[1] == 1 and len(adapters) == 5:  # a decode step of the full batch
             steps.append((list(adapters), reg.slots.mapping(adapters).in_order))
+        elif inputs["input_ids"].shape[1] > 1:
+            prefills.append(list(adapters))
         return forward(adapters, **inputs)
 
     eng._forward = spy
     reqs = eng.generate([Request(prompts[i], NAMES[i], 24, temperature=0) for i in picks], timeout=120)
     assert [r.output_ids for r in reqs] == [refs[i] for i in picks]
     assert steps and all(s == (["a3", "a3", "a1", "a1", None], True) for s in steps)
+    order = {"a3": 0, "a1": 1, None: 2}
+    assert prefills and all(p == sorted(p, key=order.get) for p in prefills) and max(map(len, prefills)) > 1

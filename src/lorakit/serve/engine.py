@@ -363,20 +363,23 @@ class Engine(Prefill):
         return True
 
     def _regroup(self) -> None:
-        # Rows in slot order (base rows last): each adapter's rows are one contiguous run, and when the used
-        # slots hold equally many rows the per-row LoRA path runs on views (fast/rows.py), gathering nothing.
-        # (A running row's adapter is pinned, so resident: its slot is fixed while the row runs.)
-        slot = {a: self.registry.slot(a) for a in {row.req.adapter for row in self._rows} if a is not None}
-        last = len(self.registry.slots.names) if slot else 0
-
-        def place(i: int) -> tuple[int, int]:
-            adapter = self._rows[i].req.adapter
-            return (last if adapter is None else slot[adapter], i)
-
-        order = sorted(range(len(self._rows)), key=place)
+        order = self._slot_order(self._rows)
         if order != list(range(len(self._rows))):
             self._rows = [self._rows[i] for i in order]
             self._cache.keep(order)
+
+    def _slot_order(self, rows: list) -> list[int]:
+        """The indices of `rows` in slot order (base rows last, ties in their order): each adapter's rows are
+        then one contiguous run, and when the used slots hold equally many rows the per-row LoRA path runs on
+        views (fast/rows.py), gathering nothing. (A row's adapter is pinned, so resident: its slot is fixed.)"""
+        slot = {a: self.registry.slot(a) for a in {row.req.adapter for row in rows} if a is not None}
+        last = len(self.registry.slots.names) if slot else 0
+
+        def place(i: int) -> tuple[int, int]:
+            adapter = rows[i].req.adapter
+            return (last if adapter is None else slot[adapter], i)
+
+        return sorted(range(len(rows)), key=place)
 
     def _forward(self, adapters: list[str | None], **inputs):
         """The model's forward with row i under adapter adapters[i] (None: the base): the engine's one use of

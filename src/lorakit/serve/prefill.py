@@ -7,7 +7,7 @@ samples its first token and joins the batch's cache (`BatchCache.add` / `extend`
 shared forward is retried alone, so only it fails.
 
 `Prefill` is a mixin of `Engine`: it reads the engine's `_prefilling` rows, `prefill_chunk`, `pad_id`,
-`device`, `model` and `_cache`, and calls its `_forward`, `_advance`, `_last_logits` and `_finish`.
+`device`, `model` and `_cache`, and calls its `_forward`, `_advance`, `_last_logits`, `_slot_order` and `_finish`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class Prefill:
             self._finish(row, "error", describe(err))
 
     def _prefill_group(self, group: list) -> None:
-        """Whole prompts in one forward (left-padded and masked); the rows join the batch."""
+        """Whole prompts in one forward (left-padded and masked, in slot order as the batch); the rows join
+        the batch."""
+        group = [group[i] for i in self._slot_order(group)]
         lengths = [len(r.req.prompt_ids) for r in group]
         width = max(lengths)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
