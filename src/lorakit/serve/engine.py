@@ -14,8 +14,9 @@ that loaded the model; `run` says why) or on a thread of its own (`Engine.start`
    decoding meanwhile (one token per loop) instead of waiting for the whole prompt. A prefilled row samples its
    first token and joins the batch;
 4. one forward for the whole batch, one new token per row, under `lorakit.per_row_adapters` (row i uses its own
-   adapter, None = base); the rows' caches are kept together by `BatchCache` (left padding, masks, per-row
-   positions), so a row's greedy output does not depend on the other rows;
+   adapter, None = base), the rows in slot order (`_slot_order`: each adapter's rows one run, and the views
+   path of fast/rows.py when the slots hold equally many); the rows' caches are kept together by `BatchCache`
+   (left padding, masks, per-row positions), so a row's greedy output does not depend on the other rows;
 5. sample each row (its own generator when seeded), release text, retire finished rows.
 
 Requests join between steps (continuous batching). Callbacks (`on_delta`, `on_done`) run on the loop's thread
