@@ -57,6 +57,23 @@ CHAT_TEMPLATE = (
 )
 
 
+def rows_alone(model, ids, names):
+    """The logits of each batch row of `ids` alone, under its adapter names[i] (None: adapters disabled): the
+    reference a per-row (mixed) batch must equal."""
+    import lorakit
+
+    rows = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n is None:
+                with lorakit.disable_adapters(model):
+                    rows.append(model(ids[i : i + 1]).logits)
+            else:
+                lorakit.set_adapter(model, n)
+                rows.append(model(ids[i : i + 1]).logits)
+    return torch.cat(rows)
+
+
 def tiny_tokenizer():
     """A character-level tokenizer (ids < 128, fits the tiny models) with ChatML specials and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 import lorakit.fast.linear as FL
-from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import randomize_adapters, rows_alone, tiny_gpt2, tiny_llama
 from lorakit import functional as LF
 from lorakit.fast import plain_path
 from lorakit.layers import wrap
@@ -244,28 +244,7 @@ def test_per_row_runs_match_single_adapter_rows(names, seq):
         mixed = model(x).logits
         again = model(x).logits  # decode sizes: the second call in a context takes the grouped path
     torch.testing.assert_close(again, mixed, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        for i, n in enumerate(names):
-            if n is None:
-                with lorakit.disable_adapters(model):
-                    ref = model(x[i : i + 1]).logits
-            else:
-                lorakit.set_adapter(model, n)
-                ref = model(x[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], ref, rtol=1e-5, atol=1e-5)
-
-
-def _rows_reference(model, x, names):
-    rows = []
-    with torch.no_grad():
-        for i, n in enumerate(names):
-            if n is None:
-                with lorakit.disable_adapters(model):
-                    rows.append(model(x[i : i + 1]).logits)
-            else:
-                lorakit.set_adapter(model, n)
-                rows.append(model(x[i : i + 1]).logits)
-    return torch.cat(rows)
+    torch.testing.assert_close(mixed, rows_alone(model, x, names), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seq", [3, 70])  # 4×3 tokens: grouped; 4×70 > STACK_TOKENS (256): by runs
@@ -290,7 +269,7 @@ def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
             return model(x).logits
 
     first = mixed()
-    torch.testing.assert_close(first, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, rows_alone(model, x, names), rtol=1e-5, atol=1e-5)
     q = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q.lora["b"].B.mul_(3.0)  # an in-place update (what an optimizer step does)
@@ -299,7 +278,7 @@ def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
     assert slots.index_of("b") == 1
     changed = mixed()
     assert not torch.allclose(changed, first)
-    torch.testing.assert_close(changed, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(changed, rows_alone(model, x, names), rtol=1e-5, atol=1e-5)
     lorakit.delete_adapter(model, "a")
     assert slots.names == [None, "b"]
     lorakit.add_adapter(model, lorakit.LoraConfig(r=6, targets=["q_proj"]), name="a")  # a larger rank
@@ -308,7 +287,7 @@ def test_slots_are_written_at_load_and_follow_evict_and_delete(seq):
     with torch.no_grad(), lorakit.per_row_adapters(model, names):  # "a" loads into the free slot
         again = model(x).logits
     assert slots.index_of("a") == 0 and slots.rmax == 6
-    torch.testing.assert_close(again, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, rows_alone(model, x, names), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), lorakit.per_row_adapters(model, ["c", "a"]):  # full: "c" replaces unused "b"
         assert slots.names == ["a", "c"]
     with pytest.raises(RuntimeError, match="slots hold 2"), lorakit.per_row_adapters(model, ["a", "b", "c"]):
@@ -337,7 +316,7 @@ def test_per_row_dora_tokens_and_saved_modules_equal_each_alone(seq):
     x[:, 1] = 5  # the trainable token rows matter
     with torch.no_grad(), lorakit.per_row_adapters(model, names):
         mixed = model(x).logits
-    torch.testing.assert_close(mixed, _rows_reference(model, x, names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, rows_alone(model, x, names), rtol=1e-5, atol=1e-5)
 
 
 def _fused_reference_dropout(monkeypatch):
@@ -424,7 +403,7 @@ def test_bfloat16_slots_equal_each_adapter_alone_at_bfloat16_precision(seq):
     x = torch.randint(3, 128, (len(names), seq), generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), lorakit.per_row_adapters(model, names):
         mixed = model(x).logits
-    ref = _rows_reference(model, x, names)
+    ref = rows_alone(model, x, names)
     assert mixed.dtype == torch.float32 and not torch.equal(mixed[[0, 1, 3]], ref[[0, 1, 3]])
     with torch.no_grad(), lorakit.disable_adapters(model):
         base = model(x).logits

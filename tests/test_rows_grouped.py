@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
-from conftest import randomize_adapters, tiny_llama
+from conftest import randomize_adapters, rows_alone, tiny_llama
 from lorakit import functional as LF
 
 
@@ -79,10 +79,7 @@ def test_a_mixed_step_multiplies_each_row_by_its_own_slot_alone():
     assert one > 0 and mixed == one
     with torch.no_grad(), lorakit.per_row_adapters(model, list("abcd")):
         logits = model(ids).logits
-    with torch.no_grad():
-        for i, name in enumerate("abcd"):
-            lorakit.set_adapter(model, name)
-            torch.testing.assert_close(logits[i : i + 1], model(ids[i : i + 1]).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, rows_alone(model, ids, list("abcd")), rtol=1e-5, atol=1e-5)
 
 
 def test_mapping_groups_rows_by_slot_with_masked_spare_places():
@@ -148,15 +145,7 @@ def test_rows_in_slot_order_gather_nothing():
         with torch.no_grad(), lorakit.per_row_adapters(model, names), _OpNames() as ops:
             logits = model(ids).logits
         assert ("index_select" in ops.names) is not in_order and ("index_add_" in ops.names) is not in_order
-        with torch.no_grad():
-            for i, name in enumerate(names):
-                if name is None:
-                    with lorakit.disable_adapters(model):
-                        alone = model(ids[i : i + 1]).logits
-                else:
-                    lorakit.set_adapter(model, name)
-                    alone = model(ids[i : i + 1]).logits
-                torch.testing.assert_close(logits[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, rows_alone(model, ids, names), rtol=1e-5, atol=1e-5)
     uneven = slots.mapping(["b", "b", "a", None, None])
     index, keep = uneven.slot_groups(torch.float32, cpu)
     assert not uneven.in_order and index.tolist() == [0, 1, 2, 2] and keep.flatten().tolist() == [1, 1, 1, 0]

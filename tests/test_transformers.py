@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from conftest import randomize_adapters, rows_alone, tiny_gpt2, tiny_llama
 
 T = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -107,22 +107,14 @@ def test_per_row_adapters_equal_each_adapter_alone(ids):
     model = _two_adapters()
     batch = torch.cat([ids, ids.flip(0)])  # 4 rows
     names = ["a", "b", None, "a"]
-    with torch.no_grad():
-        expected = []
-        for row, name in enumerate(names):
-            if name is None:
-                with lorakit.disable_adapters(model):
-                    expected.append(model(batch[row : row + 1]).logits)
-            else:
-                lorakit.set_adapter(model, name)
-                expected.append(model(batch[row : row + 1]).logits)
-        with lorakit.per_row_adapters(model, names):
-            mixed = model(batch).logits
-    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    expected = rows_alone(model, batch, names)
+    with torch.no_grad(), lorakit.per_row_adapters(model, names):
+        mixed = model(batch).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the plan is gone on exit: the active adapter applies to every row again
         lorakit.set_adapter(model, "b")
         after = model(batch).logits
-    torch.testing.assert_close(after[1:2], expected[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1:2], expected[1:2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after[2:3], expected[2], atol=1e-3)  # the base row inside the plan gets "b" now
 
 
