@@ -377,8 +377,8 @@ class Engine(Prefill):
         last = len(self.registry.slots.names) if slot else 0
 
         def place(i: int) -> tuple[int, int]:
-            adapter = rows[i].req.adapter
-            return (last if adapter is None else slot[adapter], i)
+            s = slot.get(rows[i].req.adapter)
+            return (last if s is None else s, i)  # (never None for a pinned adapter; last if it were)
 
         return sorted(range(len(rows)), key=place)
 
