@@ -410,8 +410,10 @@ class RowMapping:
         self._slot_rows: dict = {}
         self._group_index: dict = {}
         for dtype, dev in kinds:
-            mask = None if full else torch.tensor(pads, dtype=dtype).view(len(by_slot), 1, self.width, 1)
-            self._pad_masks[(dtype, dev)] = None if mask is None else mask.to(dev)
+            shape = (len(by_slot), 1, self.width, 1)
+            self._pad_masks[(dtype, dev)] = (
+                None if full else torch.tensor(pads, dtype=dtype, device=dev).view(shape)
+            )
         for dev in {dev for _, dev in kinds}:  # once per device, whatever the dtypes on it
             self._slot_rows[dev] = torch.tensor(per_row, device=dev)
             self._group_index[dev] = (

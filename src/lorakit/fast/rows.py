@@ -11,11 +11,11 @@ sorts its rows by slot), the pair runs on views of x and y: nothing gathered, ma
 Each row meets its own slot alone: multiplying every row by every slot and masking the columns (the
 previous path) did `used` times the arithmetic, and at batch 16 on a CPU these matmuls are bound by
 arithmetic, not by reading the factors (SmolLM2-135M shapes, 8 slots of r = 16, 210 layers, 1 thread:
-~19 ms a step vs ~32 ms). Above that, and at any size when the
-step's rows use one adapter (the grouped pair would read every slot below its own), each adapter's rows are
-taken as contiguous runs (views, no copy): one matmul and one addmm_ per run, the same work as a single
-adapter over the batch when rows are sorted by adapter (what a server should send); rows scattered over
-more than MAX_RUNS runs are gathered with index_select and written back with index_copy_.
+~19 ms a step vs ~32 ms). Above that, and at any size when the step's rows use one adapter (the grouped pair
+would read every slot below its own), each adapter's rows are taken as contiguous runs (views, no copy): one
+matmul and one addmm_ per run, the same work as a single adapter over the batch when each adapter's rows are
+together (the serving engine keeps them in slot order); rows scattered over more than MAX_RUNS runs are
+gathered with index_select and written back with index_copy_.
 
 DoRA slots also rescale their rows' base output by m / ||W + ΔW|| (functional.dora_rescale_base_), a factor
 the slot holds beside its factors (ratio - 1; zero for plain LoRA slots and rows without an adapter).

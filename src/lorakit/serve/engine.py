@@ -31,6 +31,7 @@ failure of the batched forward itself fails every row in it.
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import time
 import uuid
@@ -374,11 +375,10 @@ class Engine(Prefill):
         then one contiguous run, and when the used slots hold equally many rows the per-row LoRA path runs on
         views (fast/rows.py), gathering nothing. (A row's adapter is pinned, so resident: its slot is fixed.)"""
         slot = {a: self.registry.slot(a) for a in {row.req.adapter for row in rows} if a is not None}
-        last = len(self.registry.slots.names) if slot else 0
 
-        def place(i: int) -> tuple[int, int]:
+        def place(i: int) -> tuple[float, int]:
             s = slot.get(rows[i].req.adapter)
-            return (last if s is None else s, i)  # (never None for a pinned adapter; last if it were)
+            return (math.inf if s is None else s, i)  # (never None for a pinned adapter; last if it were)
 
         return sorted(range(len(rows)), key=place)
 
