@@ -23,7 +23,7 @@ class RowsPath:
     """The per-row path of every Lora layer (LoraLayer.forward calls it when the step's mapping covers it)."""
 
     def _forward_rows(self, mapping, x: Tensor, y: Tensor) -> Tensor:
-        """y (the base output for x) plus, on each batch row, that row's adapter (`mapping`: slots.RowMapping).
+        """y (the base output for x) plus, on each batch row, that row's adapter (`mapping`: rowmapping.RowMapping).
 
         Trainable tokens first (as forward applies them), then LoRA: under no_grad from the per-row slots
         (stacked or by runs, fast/rows.py), with gradients from the adapters' own tensors, out of place.

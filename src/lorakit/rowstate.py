@@ -15,7 +15,7 @@ _CURRENT: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_mapping",
 
 
 def current():
-    """The mapping of the current step (a slots.RowMapping), or None outside `per_row_adapters`."""
+    """The mapping of the current step (a rowmapping.RowMapping), or None outside `per_row_adapters`."""
     return _CURRENT.get()
 
 

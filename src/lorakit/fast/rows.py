@@ -1,6 +1,6 @@
 """Per-row adapters (a mixed batch: row i uses its own adapter or none) on a Linear-like layer, no grad, from
 the layer's slots (slots.LayerSlots: every resident adapter's factors, written when it loads) and the step's
-mapping (slots.RowMapping: which slot each row uses). Nothing is built, cached or checked here.
+mapping (rowmapping.RowMapping: which slot each row uses). Nothing is built, cached or checked here.
 
 At decode sizes (at most STACK_TOKENS tokens in the call) the number of small ops counts, so every slot runs
 as one batched pair (functional.grouped_lora_into_): the rows gathered by slot (one index_select; a slot's
@@ -45,7 +45,7 @@ def row_runs(rows: list[int]) -> list[tuple[int, int]]:
 def add_rows_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tensor:
     """y (the base output for x, (batch, ..., out)) plus each row's adapter, in place; returns y.
 
-    slots: the layer's slots.LayerSlots. mapping: the step's slots.RowMapping (groups, runs, slot_rows,
+    slots: the layer's slots.LayerSlots. mapping: the step's rowmapping.RowMapping (groups, runs, slot_rows,
     slot_groups). bias: the layer's bias (DoRA rescales the base output without it).
     """
     # One adapter in the step: its own factors alone (its slot may sit above others the grouped pair would read).
