@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import lorakit
@@ -56,6 +58,8 @@ def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
 
     ids = torch.tensor([prompt_ids])
     cache, out = DynamicCache(config=model.config), []
+    # transformers 5.x calls the KV cache `cache` (`past_key_values` goes in 5.40); older releases only know that
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         if adapter is None:
             ctx = lorakit.disable_adapters(model)
@@ -64,7 +68,7 @@ def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
             ctx = _null()
         with ctx:
             for _ in range(max_tokens):
-                logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+                logits = model(input_ids=ids, **{name: cache}, use_cache=True).logits[0, -1]
                 token = int(torch.argmax(logits))
                 if token in eos:
                     break

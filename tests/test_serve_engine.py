@@ -276,12 +276,12 @@ def test_rows_decode_in_slot_order_on_views(setup):
     picks = [1, 3, 5, 7, 0]  # a1, a3, a1, a3, base
     steps, prefills, forward = [], [], eng._forward
 
-    def spy(adapters, **inputs):
+    def spy(adapters, cache, **inputs):
         if inputs["input_ids"].shape[1] == 1 and len(adapters) == 5:  # a decode step of the full batch
             steps.append((list(adapters), reg.slots.mapping(adapters).in_order))
         elif inputs["input_ids"].shape[1] > 1:
             prefills.append(list(adapters))
-        return forward(adapters, **inputs)
+        return forward(adapters, cache, **inputs)
 
     eng._forward = spy
     reqs = eng.generate([Request(prompts[i], NAMES[i], 24, temperature=0) for i in picks], timeout=120)
@@ -289,3 +289,33 @@ def test_rows_decode_in_slot_order_on_views(setup):
     assert steps and all(s == (["a3", "a3", "a1", "a1", None], True) for s in steps)
     order = {"a3": 0, "a1": 1, None: 2}
     assert prefills and all(p == sorted(p, key=order.get) for p in prefills) and max(map(len, prefills)) > 1
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_kv_cache_passed_under_the_name_the_model_takes(setup, argument):
+    """transformers 5.x names the KV cache `cache` and warns that `past_key_values` goes in 5.40; older
+    releases take only `past_key_values`. The engine passes it under the name the model's forward has (no
+    deprecation warning), and the outputs are the same either way (prefill groups, chunks and decode)."""
+    import warnings
+
+    model_dir, dirs, *_, prompts, refs = setup
+    model, tok = load_model(str(model_dir))
+    if argument == "past_key_values":  # a model whose forward predates the rename
+        new = type(model).forward
+
+        def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0):  # fmt: skip
+            return new(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+
+        model.forward = forward
+    reg = AdapterRegistry(model, "tiny")
+    for n in ADAPTERS:
+        reg.add(n, dirs[n], load=False)
+    eng = Engine(model, tok, reg, max_batch=4, prefill_chunk=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reqs = eng.generate([Request(p, n, 24, temperature=0) for p, n in zip(prompts, NAMES)], timeout=120)
+    assert [r.error for r in reqs] == [None] * len(reqs)
+    assert [r.output_ids for r in reqs] == refs
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

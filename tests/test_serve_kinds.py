@@ -120,7 +120,9 @@ def test_each_kind_equals_peft_alone_and_in_a_mixed_batch_over_http(setup, monke
     batches = []
     forward = Engine._forward
     monkeypatch.setattr(
-        Engine, "_forward", lambda self, a, **kw: batches.append(list(a)) or forward(self, a, **kw)
+        Engine,
+        "_forward",
+        lambda self, a, cache, **kw: batches.append(list(a)) or forward(self, a, cache, **kw),
     )
     with engine:
         alone = {n: engine.generate([Request(ids, n, 10, temperature=0)], 60)[0].output_ids for n in want}

@@ -125,7 +125,13 @@ class Engine(Prefill):
         self.device = next(model.parameters()).device
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
         self.eos_ids = {int(e) for e in eos if e is not None}
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        # transformers 5.x renamed the KV-cache argument `cache` (`past_key_values` goes in 5.40); older ones
+        # take only `past_key_values`.
+        self._cache_arg = (
+            "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+        )
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
@@ -382,11 +388,11 @@ class Engine(Prefill):
 
         return sorted(range(len(rows)), key=place)
 
-    def _forward(self, adapters: list[str | None], **inputs):
-        """The model's forward with row i under adapter adapters[i] (None: the base): the engine's one use of
-        the per-row adapter API."""
+    def _forward(self, adapters: list[str | None], cache, **inputs):
+        """The model's forward with row i under adapter adapters[i] (None: the base), reading and extending
+        the KV cache `cache`: the engine's one use of the per-row adapter API."""
         with lorakit.per_row_adapters(self.model, adapters):
-            return self.model(**inputs, use_cache=True)
+            return self.model(**inputs, **{self._cache_arg: cache}, use_cache=True)
 
     def _last_logits(self) -> dict:
         return {"logits_to_keep": 1} if self._keep_arg else {}
@@ -395,8 +401,8 @@ class Engine(Prefill):
         ids = torch.tensor([[row.last] for row in self._rows], device=self.device)
         mask, positions = self._cache.step_inputs(self.device)
         out = self._forward(
-            [row.req.adapter for row in self._rows],
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache.cache,
+            [row.req.adapter for row in self._rows], self._cache.cache,
+            input_ids=ids, attention_mask=mask, position_ids=positions,
         )  # fmt: skip
         self._cache.advance()
         self.steps += 1

@@ -52,9 +52,7 @@ class Prefill:
             row.cache = row.cache or new_cache(self.model.config)
             end = min(row.prefilled + self.prefill_chunk, len(req.prompt_ids))
             ids = torch.tensor([req.prompt_ids[row.prefilled : end]], device=self.device)
-            out = self._forward(
-                [req.adapter], input_ids=ids, past_key_values=row.cache, **self._last_logits()
-            )
+            out = self._forward([req.adapter], row.cache, input_ids=ids, **self._last_logits())
             self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + 1
             row.prefilled = end
             if end == len(req.prompt_ids):
@@ -89,9 +87,7 @@ class Prefill:
                 if len(group) > 1
                 else {"input_ids": ids.to(self.device)}
             )
-            out = self._forward(
-                [r.req.adapter for r in group], **inputs, past_key_values=cache, **self._last_logits()
-            )
+            out = self._forward([r.req.adapter for r in group], cache, **inputs, **self._last_logits())
         except Exception as err:
             if len(group) > 1:  # which prompt broke it? each alone: only that one fails
                 for r in group:

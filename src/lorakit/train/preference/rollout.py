@@ -21,8 +21,8 @@ class LiveEngine(Engine):
     Requests must leave `adapter` None. The caller owns the model's mode: put it in eval mode (no dropout)
     around `generate` and keep the optimizer still meanwhile (the engine thread reads the weights)."""
 
-    def _forward(self, adapters, **inputs):
-        return self.model(**inputs, use_cache=True)
+    def _forward(self, adapters, cache, **inputs):
+        return self.model(**inputs, **{self._cache_arg: cache}, use_cache=True)
 
 
 @dataclass
