@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -94,7 +95,7 @@ def _wandb_records(path):
     (crc32 4 bytes, length 2, type 1: full / first / middle / last)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, buf = open(path, "rb").read(), 7, b""
+    data, pos, buf = Path(path).read_bytes(), 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
