@@ -6,7 +6,7 @@ import torch
 import lorakit
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.inject import find_targets
-from lorakit.io.load import _saved_modules
+from lorakit.io.validate import _saved_modules
 from test_io import TinyConv, _inputs, _out
 
 peft = pytest.importorskip("peft")
