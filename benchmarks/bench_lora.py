@@ -197,13 +197,10 @@ def worker_train_mem(args) -> dict:
 
 
 def _decode_fn(args, model, cache, tok, **kw):
-    import inspect
+    from lorakit.serve.kvcache import cache_argument
 
-    # transformers 5.x: `cache` (`past_key_values` goes in 5.40); older releases take only `past_key_values`
     # (PEFT's own forward takes **kwargs: read its transformers model's)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(hf.forward).parameters
-    kw[("cache" if "cache" in params and "past_key_values" not in params else "past_key_values")] = cache
+    kw[cache_argument(model.get_base_model() if hasattr(model, "get_base_model") else model)] = cache
 
     def run():
         model(input_ids=tok, use_cache=True, **kw)

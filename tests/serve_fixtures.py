@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 import lorakit
 from conftest import randomize_adapters, tiny_llama, tiny_tokenizer
+from lorakit.serve.kvcache import cache_argument
 
 ADAPTERS = ("a1", "a2", "a3", "a4")
 
@@ -58,8 +57,7 @@ def reference(model, prompt_ids, adapter, max_tokens, eos=(2, 4)):
 
     ids = torch.tensor([prompt_ids])
     cache, out = DynamicCache(config=model.config), []
-    # transformers 5.x calls the KV cache `cache` (`past_key_values` goes in 5.40); older releases only know that
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_argument(model)
     with torch.inference_mode():
         if adapter is None:
             ctx = lorakit.disable_adapters(model)

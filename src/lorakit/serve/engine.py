@@ -45,7 +45,7 @@ from transformers.cache_utils import DynamicCache
 
 import lorakit
 
-from .kvcache import BatchCache
+from .kvcache import BatchCache, cache_argument
 from .prefill import Prefill
 from .prefill import describe as _describe
 from .registry import AdapterRegistry
@@ -125,13 +125,8 @@ class Engine(Prefill):
         self.device = next(model.parameters()).device
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
         self.eos_ids = {int(e) for e in eos if e is not None}
-        params = inspect.signature(model.forward).parameters
-        self._keep_arg = "logits_to_keep" in params
-        # transformers 5.x renamed the KV-cache argument `cache` (`past_key_values` goes in 5.40); older ones
-        # take only `past_key_values`.
-        self._cache_arg = (
-            "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-        )
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_arg = cache_argument(model)
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()

@@ -30,6 +30,15 @@ def new_cache(config) -> DynamicCache:
     return cache
 
 
+def cache_argument(model) -> str:
+    """The name under which `model`'s forward takes a KV cache: `cache` (transformers 5.x, where
+    `past_key_values` is deprecated and goes in 5.40) or `past_key_values` (the releases before the rename)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
 class BatchCache:
     """The batch's cache (`cache`, rows left-padded to `width` columns) and each row's real length.
 
