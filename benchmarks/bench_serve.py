@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -133,11 +134,14 @@ async def scenario(
 
 
 def repeated(plans: dict, repeat: int, run) -> dict:
-    """Run the plans round-robin `repeat` times (so slow phases of a noisy machine hit every scenario) and keep,
-    for each, the round with the median tokens/s; every round's tokens/s is kept under "rounds"."""
+    """Run the plans round-robin `repeat` times (so slow phases of a noisy machine hit every scenario), the order
+    reversed every other round (a scenario's place in the round, e.g. right after the one-at-a-time one, then
+    falls on each alike), and keep, for each, the round with the median tokens/s; every round's tokens/s is kept
+    under "rounds" (in round order)."""
     rounds: dict[str, list[dict]] = {k: [] for k in plans}
-    for _ in range(repeat):
-        for k, (models, prompts, c) in plans.items():
+    for i in range(repeat):
+        for k in list(plans) if i % 2 == 0 else list(plans)[::-1]:
+            models, prompts, c = plans[k]
             rounds[k].append(run(models, prompts, c))
     out = {}
     for k, rs in rounds.items():
@@ -306,6 +310,11 @@ def main() -> None:
            "kinds_vs_single": round(results["8 mixed, DoRA+tokens+saved"]["tokens_per_s"] / ref, 3),
            "mixed_vs_one_at_a_time": round(results["8 adapters mixed"]["tokens_per_s"]
                                            / results["one at a time (mixed)"]["tokens_per_s"], 2)}  # fmt: skip
+    mixed, single = results["8 adapters mixed"]["rounds"], results["1 adapter"]["rounds"]
+    out["mixed_vs_single_per_round"] = round(statistics.median(a / b for a, b in zip(mixed, single)), 3)
+    print(
+        f"8 adapters mixed / 1 adapter, the median of the rounds' own ratios: {out['mixed_vs_single_per_round']}"
+    )
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
