@@ -23,7 +23,7 @@ def test_grouped_lora_into_equals_lora_into_on_each_row(tokens, ydtype):
     A, sB = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 7, generator=g)
     y0 = torch.randn(5, tokens, 7, generator=g).to(ydtype)
     index = torch.tensor([1, 3, 2, 2, 0, 0])  # group 0: rows 1, 3; group 1: row 2 (+ a spare); group 2: none
-    keep = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]).view(3, 1, 2, 1)
+    keep = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]).view(3, 2, 1, 1)
     y = y0.clone()
     LF.grouped_lora_into_(y, x, A, sB, index, keep)
     ref = y0.clone()

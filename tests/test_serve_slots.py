@@ -286,3 +286,23 @@ def test_layer_slot_views_are_made_at_write_and_follow_resize_and_reset():
     assert big.narrowed(2).slot(1)[0] is a2
     ls.reset(1)
     assert ls.slot(1)[0].shape == (0, 6) and ls.ranks[1] == 0
+
+
+def test_slot_prefixes_are_made_with_the_stacks_and_see_later_writes():
+    """narrowed(used) hands out the prefix made with the stacks (the same object every time, nothing built in a
+    step): its grouped operands are views of the stacks' storage, so a write or reset after it was made shows
+    in them, and its ranks and DoRA factor follow the stacks."""
+    from lorakit.slots import LayerSlots
+
+    ls = LayerSlots(3, 4, 6, 5, torch.float32, "cpu")
+    prefix = ls.narrowed(2)
+    assert ls.narrowed(2) is prefix and prefix.A3.shape == (2, 4, 6) and prefix.sB3.shape == (2, 4, 5)
+    A, sB = torch.randn(3, 6), torch.randn(5, 3)
+    ls.write(1, A, sB, torch.full((5,), 0.5))
+    assert torch.equal(prefix.A3[1, :3], A) and torch.equal(prefix.sB3[1, :3], sB.t())
+    assert not prefix.A3[1, 3:].any() and not prefix.A3[0].any()
+    assert prefix.ranks == [0, 3] and prefix.row_factor is ls.row_factor and ls.narrowed(1).row_factor is None
+    ls.reset(1)
+    assert (
+        not prefix.A3.any() and not prefix.sB3.any() and prefix.ranks == [0, 0] and prefix.row_factor is None
+    )

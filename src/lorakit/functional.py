@@ -118,15 +118,20 @@ def grouped_lora_into_(
     adapters over one batch, each group of rows with its own factors, as two bmm (the same math as
     `lora_into_` per group, tested against it per row).
 
+    Both bmm take the rows as the left operand and the factors as the right one, as stored (A_gᵀ is A_g's
+    rows read as columns, s·B_g is (r, out) rows): MKL then streams each factor once at the memory's speed
+    (the transposed order, A_g @ xᵀ, ran the down-projection at half that speed: 11.8 vs 5.8 ms a step over
+    SmolLM2-135M's 210 layers at 8 slots, 2 threads), and u comes out (G, P·T, r), as the second bmm takes it.
+
     Args:
         y: (batch, ..., out), written in place. x: (batch, ..., in), same leading shape.
         A: (G, r, in). sB: (G, r, out): the up-projection transposed, its scale folded in.
         index: (G·P,) long, batch rows (repeats allowed: their deltas add up), gathered with one index_select
             and added back with one index_add_; None: the batch is already in place order (group g is rows
             [g·P, (g + 1)·P), P = batch / G): views, nothing gathered or scattered.
-        keep: optional (G, 1, P, 1) mask on each place's delta (0: a padding place, adds nothing).
+        keep: optional (G, P, 1, 1) mask on each place's delta (0: a padding place, adds nothing).
     Returns:
-        u (G, r, P·T), T = tokens per row, in A's dtype.
+        u (G, P·T, r), T = tokens per row, in A's dtype.
     Raises:
         ValueError: index None and a batch that is not G groups of equal size.
     """
@@ -137,13 +142,13 @@ def grouped_lora_into_(
     tokens = x.numel() // (x.shape[0] * x.shape[-1])  # (x[0].numel() would be one more op)
     xs = x if index is None else x.index_select(0, index)
     xs = (xs if xs.dtype == A.dtype else xs.to(A.dtype)).reshape(groups, width * tokens, x.shape[-1])
-    u = torch.bmm(A, xs.transpose(1, 2))  # (G, r, P·T): A's rows contiguous, as stored
+    u = torch.bmm(xs, A.transpose(1, 2))  # (G, P·T, r)
     if keep is not None:
-        u.view(groups, r, width, tokens).mul_(keep)
+        u.view(groups, width, tokens, r).mul_(keep)
     if index is None and y.dtype == sB.dtype and y.is_contiguous():
-        y.view(groups, width * tokens, y.shape[-1]).baddbmm_(u.transpose(1, 2), sB)
+        y.view(groups, width * tokens, y.shape[-1]).baddbmm_(u, sB)
         return u
-    delta = torch.bmm(u.transpose(1, 2), sB).view(groups * width, *y.shape[1:])
+    delta = torch.bmm(u, sB).view(groups * width, *y.shape[1:])
     delta = delta if delta.dtype == y.dtype else delta.to(y.dtype)
     if index is None:
         y.add_(delta)

@@ -16,7 +16,7 @@ from torch import Tensor
 from .fast.rows import row_runs
 
 if TYPE_CHECKING:
-    from .slots import LayerSlots, RowSlots
+    from .slots import RowSlots, SlotPrefix
 
 
 class RowMapping:
@@ -59,7 +59,7 @@ class RowMapping:
         self._slot_rows: dict = {}
         self._group_index: dict = {}
         for dtype, dev in kinds:
-            shape = (len(by_slot), 1, self.width, 1)
+            shape = (len(by_slot), self.width, 1, 1)
             self._pad_masks[(dtype, dev)] = (
                 None if full else torch.tensor(pads, dtype=dtype, device=dev).view(shape)
             )
@@ -74,7 +74,7 @@ class RowMapping:
         return layer in self.slots.members
 
     def slot_groups(self, dtype, device) -> tuple[Tensor | None, Tensor | None]:
-        """(index (used·P,), pad_mask (used, 1, P, 1)) with used = `slots.used`, P = `width`: the batch rows
+        """(index (used·P,), pad_mask (used, P, 1, 1)) with used = `slots.used`, P = `width`: the batch rows
         of slot s are index[s·P : s·P + count_s] (the rest pads, pad_mask 0), for the grouped path
         (fast/rows.py `_grouped_`). pad_mask None: every place is a row; index None: `in_order`, slot s's
         rows are rows [s·P, (s + 1)·P)."""
@@ -92,6 +92,6 @@ class StepSlots:
     def __init__(self, slots: RowSlots, used: int) -> None:
         self.members, self.used, self._slots = slots.members, used, slots
 
-    def layer_slots(self, layer: nn.Module) -> LayerSlots | None:
+    def layer_slots(self, layer: nn.Module) -> SlotPrefix | None:
         s = self._slots.layer_slots(layer)
         return None if s is None or not self.used else s.narrowed(self.used)

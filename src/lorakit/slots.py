@@ -62,14 +62,13 @@ class LayerSlots:
         # slot(i)'s views, made when slot i is written (a step asks for them on every layer: slicing there
         # cost ~2 ms a decode step on a 210-layer model, a fifth of one adapter's extra time)
         self._slots: list[tuple[Tensor, Tensor, Tensor | None] | None] = [None] * capacity
-        self._views: dict[
-            int, LayerSlots
-        ] = {}  # narrowed(used), made when a step first asks; cleared on change
+        # narrowed(used) for every used: views made with the stacks (writes are in place, so they stay valid;
+        # what changes per write, ranks and DoRA factors, a prefix reads from here when asked).
+        self._prefixes = [SlotPrefix(self, used) for used in range(1, capacity + 1)]
 
     def write(self, i: int, A: Tensor, sB: Tensor, factor: Tensor | None) -> None:
         """Slot i := (A (r, in), s·B (out, r), DoRA factor (out,) or None). r <= rmax."""
         self.reset(i)  # (a no-op on an empty slot, which is all zeros)
-        self._views.clear()
         c, r = i * self.rmax, A.shape[0]
         self.A[c : c + r].copy_(A)
         self.B[:, c : c + r].copy_(sB)
@@ -90,7 +89,6 @@ class LayerSlots:
         """Slot i := empty. Only its first ranks[i] columns can be non-zero (write keeps the rest zero)."""
         if not self.ranks[i] and not self.rescaled[i]:
             return
-        self._views.clear()
         c = i * self.rmax
         self.A[c : c + self.ranks[i]].zero_()
         self.B[:, c : c + self.ranks[i]].zero_()
@@ -106,18 +104,10 @@ class LayerSlots:
         views = self._slots[i]
         return views if views is not None else self._slice(i)
 
-    def narrowed(self, used: int) -> LayerSlots:
-        """The first `used` slots alone (views of A and B: nothing copied; DoRA's row_factor only when one of
-        them has one), so a step whose rows use no slot past them multiplies by none of the others."""
-        view = self._views.get(used)
-        if view is None:
-            view = LayerSlots.__new__(LayerSlots)
-            view.rmax, view.A, view.B = self.rmax, self.A[: used * self.rmax], self.B[:, : used * self.rmax]
-            view.ranks, view.rescaled, view._views = self.ranks[:used], self.rescaled[:used], {}
-            view._slots = self._slots[:used]  # views of the same storage
-            view.row_factor = self.row_factor if any(view.rescaled) else None  # row S stays: the base rows'
-            self._views[used] = view
-        return view
+    def narrowed(self, used: int) -> SlotPrefix:
+        """The first `used` (1..capacity) slots alone, as views made with the stacks (nothing is built here), so a
+        step whose rows use no slot past them multiplies by none of the others."""
+        return self._prefixes[used - 1]
 
     def resized(self, capacity: int, rmax: int) -> LayerSlots:
         """A copy with `capacity` >= len(ranks) slots of room for rank `rmax` >= self.rmax (same contents)."""
@@ -134,6 +124,41 @@ class LayerSlots:
         new._slots = [new._slice(i) if view is not None else None for i, view in enumerate(self._slots)]
         new._slots += [None] * grow
         return new
+
+
+class SlotPrefix:
+    """Slots 0..used-1 of a LayerSlots, as a step's grouped pair reads them (fast/rows.py).
+
+    A (used·rmax, in) and B (out, used·rmax): views of the stacks; A3 (used, rmax, in) and sB3 (used, rmax,
+    out): the same storage as one (rmax, ·) block per slot, the operands of functional.grouped_lora_into_;
+    kind: (dtype, device) of the stacks.
+    Made once with the stacks (a view per op costs ~1-2 µs, 210 layers a step); ranks, DoRA's row_factor and
+    slot(i) are read from the stacks when asked, so writes and resets need not touch any prefix.
+    """
+
+    def __init__(self, stacks: LayerSlots, used: int) -> None:
+        self.stacks, self.used, self.rmax = stacks, used, stacks.rmax
+        n = used * stacks.rmax
+        self.A, self.B = stacks.A[:n], stacks.B[:, :n]
+        self.A3 = self.A.view(used, stacks.rmax, stacks.A.shape[1])
+        self.sB3 = self.B.t().view(used, stacks.rmax, stacks.B.shape[0])
+        self.kind = (stacks.A.dtype, stacks.A.device)  # (tensor.device makes a new object per call)
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.stacks.ranks[: self.used]
+
+    @property
+    def rescaled(self) -> list[bool]:
+        return self.stacks.rescaled[: self.used]
+
+    @property
+    def row_factor(self) -> Tensor | None:
+        """The stacks' DoRA factors (row S: rows without an adapter) when one of these slots has one, else None."""
+        return self.stacks.row_factor if any(self.rescaled) else None
+
+    def slot(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.stacks.slot(i)
 
 
 @dataclass(frozen=True)
