@@ -51,7 +51,7 @@ class RowsPath:
 
 class FastLinearPath:
     """The path choice of a Linear-shaped layer (layers.LinearLike), before the plain path:
-    - a mixed batch (`per_row_adapters`): the base output, then the per-row path (`RowsPath._forward_rows`);
+    - a mixed batch (`per_row_adapters`): the plain path, whose per-row branch is `RowsPath._forward_rows`;
     - no gradient needed: the base output, then each live adapter's no-grad `add_` in place;
     - training one plain LoRA adapter on a frozen float nn.Linear / Conv1D: the hand-derived Function,
       fused with the sibling projections that read the same x (`fused`, fast/fused.py).
@@ -59,14 +59,10 @@ class FastLinearPath:
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         # torch.compile traces the plain path (functional.lora_linear): it compiles without graph breaks.
-        if torch.compiler.is_compiling() or args or kwargs or self.disabled:
+        # A mixed batch takes the plain path's per-row branch (LoraLayer.forward), asked before fast.enabled():
+        # a decode step calls this on every layer, 210 times.
+        if torch.compiler.is_compiling() or args or kwargs or self.disabled or rowstate.current() is not None:
             return super().forward(x, *args, **kwargs)
-        # A mixed batch goes straight to the per-row path (a decode step calls it on every layer, 210 times).
-        mapping = rowstate.current()
-        if mapping is not None:
-            if mapping.covers(self):
-                return self._forward_rows(mapping, x, self.base_class.forward(self, x))
-            return super().forward(x)
         if not fast.enabled():
             return super().forward(x)
         live = self.live_adapters()

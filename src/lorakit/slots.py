@@ -137,7 +137,7 @@ class SlotPrefix:
     """
 
     def __init__(self, stacks: LayerSlots, used: int) -> None:
-        self.stacks, self.used, self.rmax = stacks, used, stacks.rmax
+        self.stacks, self.used = stacks, used
         n = used * stacks.rmax
         self.A, self.B = stacks.A[:n], stacks.B[:, :n]
         self.A3 = self.A.view(used, stacks.rmax, stacks.A.shape[1])

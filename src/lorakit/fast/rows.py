@@ -77,19 +77,16 @@ def _add_one_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, factor: Tensor | None,
 
 def _grouped_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tensor:
     """y += each row's slot delta, every slot in one batched pair (functional.grouped_lora_into_ over the
-    prefix's (used, rmax, ·) blocks, views made with the stacks: nothing copied or sliced here); see the module
-    docstring."""
+    prefix's (used, rmax, ·) blocks, views made with the stacks: no factor copied or viewed here); see the
+    module docstring."""
     factor = slots.row_factor
     if factor is not None:
         factor = factor.index_select(0, mapping.slot_rows_on(factor.device))
         LF.dora_rescale_base_(y.view(x.shape[0], -1, y.shape[-1]), factor.unsqueeze(1), bias)
     index, pad = mapping.slot_groups(*slots.kind)
     if index is None:  # rows in place order: slot s is rows [s·P, (s + 1)·P), views of x and y
-        rows = slots.used * mapping.width
-        if rows < x.shape[0]:  # base rows after them
-            LF.grouped_lora_into_(y[:rows], x[:rows], slots.A3, slots.sB3)
-        else:
-            LF.grouped_lora_into_(y, x, slots.A3, slots.sB3)
+        rows = slots.used * mapping.width  # (base rows after them)
+        LF.grouped_lora_into_(y[:rows], x[:rows], slots.A3, slots.sB3)
     else:
         LF.grouped_lora_into_(y, x, slots.A3, slots.sB3, index, pad)
     return y
