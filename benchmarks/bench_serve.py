@@ -180,7 +180,8 @@ def run_server(args, model: str, dirs: list[Path], plans: dict, max_adapters: in
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port),
            "--max-adapters", str(max_adapters), "--adapter-cache-mb", str(args.adapter_cache_mb),
            "--max-batch", str(args.concurrency), "--threads", str(args.threads), "--log-level", "warning",
-           "--max-tokens-cap", str(args.max_tokens), "--model-name", "base"]  # fmt: skip
+           "--max-tokens-cap", str(args.max_tokens), "--model-name", "base",
+           "--native-kernel", args.native_kernel]  # fmt: skip
     cmd += ["--device", args.device] if args.device else []
     for d in dirs:
         cmd += ["--adapter", f"{d.name}={d}"]
@@ -206,8 +207,10 @@ def run_server(args, model: str, dirs: list[Path], plans: dict, max_adapters: in
 def run_in_process(args, model: str, dirs: list[Path], plans: dict, max_adapters: int) -> dict:
     """Each plan through an in-process `Engine` (what the server runs, minus HTTP)."""
     from lorakit.serve import AdapterRegistry, Engine
+    from lorakit.serve.commands import load_native_kernel
 
     m, tok = load_model(model, device=args.device)
+    load_native_kernel(args.native_kernel, m)
     registry = AdapterRegistry(
         m, "base", max_loaded=max_adapters, cache_bytes=int(args.adapter_cache_mb * 2**20)
     )
@@ -255,6 +258,9 @@ def main() -> None:
         default=4096,
         help="the server's CPU cache of adapters (default: room for 128 r=16 SmolLM2 adapters)",
     )
+    ap.add_argument("--native-kernel", choices=["auto", "on", "off"], default="auto",
+                    help="lorakit serve's --native-kernel (and --shape's: with the kernel on, the mixes run on the "
+                         "eager pair too, side by side)")  # fmt: skip
     ap.add_argument("--shape", choices=sorted(SHAPES), help="the decode-step comparison at this size instead")
     ap.add_argument("--steps", type=int, default=6, help="--shape: decode steps timed per scenario and round")
     ap.add_argument("--slot-dtype", choices=["bfloat16"], help="--shape: the slots' dtype (default: float32)")

@@ -37,11 +37,15 @@ def shape_model(shape: str, tmp: Path, n_adapters: int, rank: int):
     return model, random_adapters(model, tmp, n_adapters, rank)
 
 
-def interleaved_steps(engines: dict, plans: dict, steps: int) -> dict[str, list[float]]:
+def interleaved_steps(engines: dict, plans: dict, steps: int, eager: tuple = ()) -> dict[str, list[float]]:
     """The ms of `steps` decode steps of each scenario, sorted. engines[k] (not started: driven here, as the tests
     do) gets one row per entry of plans[k]; once every row is prefilled (and one step more, a warm-up), the
     scenarios take one step each in turn, the order reversed every other turn, so a slow phase of a shared
-    machine falls on all of them alike (one scenario after another, rounds moved by ±15 % here)."""
+    machine falls on all of them alike (one scenario after another, rounds moved by ±15 % here). The scenarios
+    in `eager` step inside fast.plain_path() (the eager grouped pair instead of the native kernel)."""
+    import contextlib
+
+    from lorakit import fast
     from lorakit.serve import Request
 
     reqs = {}
@@ -60,7 +64,8 @@ def interleaved_steps(engines: dict, plans: dict, steps: int) -> dict[str, list[
         for step in range(steps):
             for k in order if step % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
-                engines[k]._iterate()
+                with fast.plain_path() if k in eager else contextlib.nullcontext():
+                    engines[k]._iterate()
                 times[k].append(1e3 * (time.perf_counter() - start))
         for k, engine in engines.items():
             for r in reqs[k]:
@@ -75,9 +80,13 @@ UNEVEN = (0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7)  # adapter per row of 
 
 def run_shape(args) -> None:
     """The decode-step comparison at `args.shape` (module docstring): prints a table, writes JSON."""
+    from lorakit.fast import native
     from lorakit.serve import AdapterRegistry, Engine
 
     torch.set_num_threads(args.threads)
+    kernel = "off" if args.native_kernel == "off" else native.load()
+    if kernel is not None and args.native_kernel == "on":
+        raise SystemExit(f"--native-kernel on: {kernel}")
     tmp = scratch_dir()
     start = time.perf_counter()
     model, dirs = shape_model(args.shape, tmp, 8, args.rank)
@@ -93,12 +102,17 @@ def run_shape(args) -> None:
         # 4, 3, 2, 2, 2, 1, 1, 1 rows at batch 16: not in place order, so gathered and padded to 4 places each
         "8 mixed, uneven": [names[UNEVEN[i % len(UNEVEN)]] for i in range(c)],
     }
+    eager = ()
+    if kernel is None:  # the kernel is in use: the same two mixes on the eager pair, side by side
+        plans["8 mixed, eager pair"] = plans["8 adapters mixed"]
+        plans["uneven, eager pair"] = plans["8 mixed, uneven"]
+        eager = ("8 mixed, eager pair", "uneven, eager pair")
     # One engine per scenario over the same model and slots, so their steps can alternate.
     engines = {k: Engine(model, char_tokenizer(), registry, max_batch=c) for k in plans}
     interleaved_steps({"warm": engines["8 adapters mixed"]}, {"warm": plans["8 adapters mixed"]}, 1)
     times: dict[str, list[float]] = {k: [] for k in plans}
     for _ in range(args.repeat):
-        for k, t in interleaved_steps(engines, plans, args.steps).items():
+        for k, t in interleaved_steps(engines, plans, args.steps, eager).items():
             times[k].extend(t)
     times = {k: sorted(v) for k, v in times.items()}
     ms = {k: round(v[(len(v) - 1) // 2], 1) for k, v in times.items()}
@@ -108,7 +122,8 @@ def run_shape(args) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ndecode step, shape={args.shape} (random weights, {weights:.0f} MB fp32; one r={args.rank} adapter "
           f"{adapter:.1f} MB), batch {c}, {args.repeat} rounds of {args.steps} steps per scenario, the scenarios' steps "
-          f"alternating, {args.threads} threads, slots {args.slot_dtype or 'float32'}, load average {load:.1f} at the end, "
+          f"alternating, {args.threads} threads, slots {args.slot_dtype or 'float32'}, native kernel "
+          f"{'on' if kernel is None else 'off (' + kernel + ')'}, load average {load:.1f} at the end, "
           f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
     print(
         f"{'scenario':20} {'median ms':>10} {'vs base':>8} {'p20 ms':>8} {'vs base':>8} {'vs 1 adapter':>13}"
@@ -118,11 +133,12 @@ def run_shape(args) -> None:
               f"{p20[k] / p20['base model']:7.2f}x {ms['1 adapter'] / ms[k]:12.2f}x")  # fmt: skip
     out = {"shape": args.shape, "config": SHAPES[args.shape], "rank": args.rank, "batch": c, "steps": args.steps,
            "repeat": args.repeat, "threads": args.threads, "slot_dtype": args.slot_dtype or "float32",
-           "weights_mb": round(weights), "adapter_mb": round(adapter, 1), "median_ms": ms, "p20_ms": p20,
+           "native_kernel": kernel is None, "weights_mb": round(weights), "adapter_mb": round(adapter, 1), "median_ms": ms, "p20_ms": p20,
            "step_ms": times, "load_average": load,
            "mixed_vs_base": round(ms["8 adapters mixed"] / ms["base model"], 3),
            "uneven_vs_base": round(ms["8 mixed, uneven"] / ms["base model"], 3),
            "single_vs_base": round(ms["1 adapter"] / ms["base model"], 3),
+           **({"eager_mixed_vs_base": round(ms["8 mixed, eager pair"] / ms["base model"], 3)} if eager else {}),
            "mixed_tokens_vs_single": round(ms["1 adapter"] / ms["8 adapters mixed"], 3)}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

@@ -46,6 +46,21 @@ def randomize_adapters(model, std: float = 0.1, seed: int = 1) -> None:
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernel():
+    """lorakit's native CPU kernel (fast/native), built once per machine and loaded for the whole session, as
+    `lorakit serve` does at start-up: every test sees the same path whatever runs before it, and the servers
+    the tests start find the build in the cache. Without a C++ compiler the eager path stays (and
+    test_fast_native skips)."""
+    import shutil
+
+    from lorakit.fast import native
+
+    if shutil.which("c++") or shutil.which("g++"):
+        reason = native.load()
+        assert reason is None, f"the native kernel did not build: {reason}"
+
+
 @pytest.fixture
 def ids():
     return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))

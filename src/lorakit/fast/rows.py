@@ -17,15 +17,20 @@ matmul and one addmm_ per run, the same work as a single adapter over the batch 
 together (the serving engine keeps them in slot order); rows scattered over more than MAX_RUNS runs are
 gathered with index_select and written back with index_copy_.
 
+Where lorakit's native CPU kernel is loaded (fast/native: `lorakit serve` loads it at start-up), the pair is
+one C++ call per layer instead of the two bmm (CPU, float32; the same math, tested against it).
+
 DoRA slots also rescale their rows' base output by m / ||W + ΔW|| (functional.dora_rescale_base_), a factor
 the slot holds beside its factors (ratio - 1; zero for plain LoRA slots and rows without an adapter).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import functional as LF
+from . import enabled, native
 
 MAX_RUNS = 2  # above this many runs for one adapter, one gather + one scatter beat many tiny matmuls
 STACK_TOKENS = 256  # at or below this many tokens, the grouped pair beats one pair per adapter
@@ -86,7 +91,32 @@ def _grouped_(y: Tensor, x: Tensor, slots, mapping, bias: Tensor | None) -> Tens
     index, pad = mapping.slot_groups(*slots.kind)
     if index is None:  # rows in place order: slot s is rows [s·P, (s + 1)·P), views of x and y
         rows = slots.used * mapping.width  # (base rows after them)
-        LF.grouped_lora_into_(y[:rows], x[:rows], slots.A3, slots.sB3)
+        _pair_(y[:rows], x[:rows], slots, None, None, mapping.width)
     else:
-        LF.grouped_lora_into_(y, x, slots.A3, slots.sB3, index, pad)
+        _pair_(y, x, slots, index, pad, mapping.width)
     return y
+
+
+_NONE = {torch.float32: torch.empty(0), torch.long: torch.empty(0, dtype=torch.long)}
+
+
+def _pair_(y: Tensor, x: Tensor, slots, index: Tensor | None, pad: Tensor | None, width: int) -> None:
+    """The grouped pair over the prefix's blocks: lorakit's native kernel (fast/native) where it is loaded and
+    applies (CPU, float32, r <= 256), else functional.grouped_lora_into_ (the same math, tested against it)."""
+    A, sB = slots.A3, slots.sB3
+    if (
+        native.loaded()
+        and enabled()
+        and not torch.compiler.is_compiling()  # (an opaque C++ call: compiled graphs keep the eager pair)
+        and A.dtype == x.dtype == y.dtype == torch.float32
+        and A.device.type == "cpu"
+        and A.shape[1] <= 256
+        and x.is_contiguous()
+        and y.is_contiguous()
+    ):
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])
+        native.grouped_lora_(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), A, sB,
+                             _NONE[torch.long] if index is None else index,
+                             _NONE[torch.float32] if pad is None else pad.view(-1), width, tokens)  # fmt: skip
+    else:
+        LF.grouped_lora_into_(y, x, A, sB, index, pad)

@@ -45,6 +45,9 @@ def register(sub) -> None:
     add_device(p)
     add_ignore_fingerprint(p)
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--native-kernel", choices=["auto", "on", "off"], default="auto",
+                   help="on a CPU, lorakit's C++ kernel for mixed-adapter decode (built once per machine, "
+                        "~1 min; auto: the eager path if it cannot be built; on: fail then)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     p.set_defaults(func=run)
 
@@ -86,6 +89,7 @@ def build(args: argparse.Namespace, start_engine: bool = True):
             raise ValueError(f"{flag} {value}: expected a number >= 0")
     adapters = parse_adapters(args.adapter)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    load_native_kernel(getattr(args, "native_kernel", "auto"), model)
     base = args.model_name or base_name_of(args.model)
     registry = AdapterRegistry(model, base, root=args.adapter_root, max_loaded=args.max_adapters,
                                cache_bytes=int(args.adapter_cache_mb * 2**20))  # fmt: skip
@@ -99,6 +103,24 @@ def build(args: argparse.Namespace, start_engine: bool = True):
     app = create_app(engine, registry, base, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
                      max_body_bytes=int(args.max_body_mb * 2**20), start_engine=start_engine)  # fmt: skip
     return app, engine
+
+
+def load_native_kernel(mode: str, model) -> None:
+    """--native-kernel: load fast/native's kernel for a model on the CPU (building it on a machine's first
+    start). Raises RuntimeError in mode "on" when it cannot be; "auto" says why on stderr and goes on."""
+    from lorakit.fast import native
+
+    if mode == "off" or next(model.parameters()).device.type != "cpu":
+        return
+    if not native.built():
+        print(f"lorakit serve: building the native CPU kernel into {native.build_dir()} (once per machine, "
+              "~1 min; --native-kernel off skips it)", file=sys.stderr, flush=True)  # fmt: skip
+    reason = native.load()
+    if reason is not None and mode == "on":
+        raise RuntimeError(f"--native-kernel on: the kernel could not be built or loaded: {reason}")
+    if reason is not None:
+        print(f"lorakit serve: native CPU kernel unavailable ({reason}); mixed batches use the eager path",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
