@@ -82,14 +82,14 @@ def run_shape(args) -> None:
     """The decode-step comparison at `args.shape` (module docstring): prints a table, writes JSON."""
     from lorakit.fast import native
     from lorakit.serve import AdapterRegistry, Engine
+    from lorakit.serve.commands import load_native_kernel
 
     torch.set_num_threads(args.threads)
-    kernel = "off" if args.native_kernel == "off" else native.load()
-    if kernel is not None and args.native_kernel == "on":
-        raise SystemExit(f"--native-kernel on: {kernel}")
     tmp = scratch_dir()
     start = time.perf_counter()
     model, dirs = shape_model(args.shape, tmp, 8, args.rank)
+    load_native_kernel(args.native_kernel, model)  # as `lorakit serve` does (auto: says why on stderr if not)
+    kernel = native.loaded()
     slot_dtype = getattr(torch, args.slot_dtype) if args.slot_dtype else None
     registry = AdapterRegistry(model, "base", max_loaded=8, slot_dtype=slot_dtype)
     for d in dirs:
@@ -103,7 +103,7 @@ def run_shape(args) -> None:
         "8 mixed, uneven": [names[UNEVEN[i % len(UNEVEN)]] for i in range(c)],
     }
     eager = ()
-    if kernel is None:  # the kernel is in use: the same two mixes on the eager pair, side by side
+    if kernel:  # the kernel is in use: the same two mixes on the eager pair, side by side
         plans["8 mixed, eager pair"] = plans["8 adapters mixed"]
         plans["uneven, eager pair"] = plans["8 mixed, uneven"]
         eager = ("8 mixed, eager pair", "uneven, eager pair")
@@ -123,7 +123,7 @@ def run_shape(args) -> None:
     print(f"\ndecode step, shape={args.shape} (random weights, {weights:.0f} MB fp32; one r={args.rank} adapter "
           f"{adapter:.1f} MB), batch {c}, {args.repeat} rounds of {args.steps} steps per scenario, the scenarios' steps "
           f"alternating, {args.threads} threads, slots {args.slot_dtype or 'float32'}, native kernel "
-          f"{'on' if kernel is None else 'off (' + kernel + ')'}, load average {load:.1f} at the end, "
+          f"{'on' if kernel else 'off'}, load average {load:.1f} at the end, "
           f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
     print(
         f"{'scenario':20} {'median ms':>10} {'vs base':>8} {'p20 ms':>8} {'vs base':>8} {'vs 1 adapter':>13}"
@@ -133,7 +133,7 @@ def run_shape(args) -> None:
               f"{p20[k] / p20['base model']:7.2f}x {ms['1 adapter'] / ms[k]:12.2f}x")  # fmt: skip
     out = {"shape": args.shape, "config": SHAPES[args.shape], "rank": args.rank, "batch": c, "steps": args.steps,
            "repeat": args.repeat, "threads": args.threads, "slot_dtype": args.slot_dtype or "float32",
-           "native_kernel": kernel is None, "weights_mb": round(weights), "adapter_mb": round(adapter, 1), "median_ms": ms, "p20_ms": p20,
+           "native_kernel": kernel, "weights_mb": round(weights), "adapter_mb": round(adapter, 1), "median_ms": ms, "p20_ms": p20,
            "step_ms": times, "load_average": load,
            "mixed_vs_base": round(ms["8 adapters mixed"] / ms["base model"], 3),
            "uneven_vs_base": round(ms["8 mixed, uneven"] / ms["base model"], 3),

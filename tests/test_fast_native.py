@@ -3,8 +3,6 @@ and its use on the per-row path (fast/rows.py) against the eager path inside fas
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -15,10 +13,9 @@ from lorakit.fast import native
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
+    # conftest's session fixture loads it wherever a C++ compiler is (and fails the session if it will not build)
+    if not native.loaded():
         pytest.skip("no C++ compiler on this machine: the native kernel cannot be built")
-    reason = native.load()
-    assert reason is None, reason  # a compiler is here: the build must work (ninja comes with lorakit[serve])
 
 
 def operands(G, W, T, r, d_in, d_out, seed=0):

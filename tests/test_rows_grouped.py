@@ -56,9 +56,8 @@ class _MatmulWork(TorchDispatchMode):
 def _adapter_work(model, names, ids) -> int:
     """Matmul multiply-adds of one forward under per_row_adapters(names), minus the base model's."""
 
-    def work(
-        rows,
-    ):  # the eager pair (plain_path): the native kernel's C++ matmuls are out of a dispatch mode's sight
+    def work(rows):
+        # the eager pair (plain_path): the native kernel's C++ matmuls are out of a dispatch mode's sight
         with (
             torch.no_grad(),
             fast.plain_path(),

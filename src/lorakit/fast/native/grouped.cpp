@@ -8,8 +8,8 @@
 // reading the factors and by the cost of each op, not by arithmetic. Here a pair of rows meets A_g once
 // (4 rows of A against both rows per 16-float step: 8 accumulators) and s·B_g once (each 64-wide block of y
 // kept in registers over the r rows of s·B_g), with no intermediate tensor and one call per layer.
-// Vectors are GCC/Clang vector extensions: AVX-512 registers where -march=native has them, AVX2 pairs or
-// NEON quads elsewhere, same source.
+// Vectors are GCC/Clang vector extensions: AVX-512 registers where -march=native has them; elsewhere the
+// compiler lowers the same source to the registers there are (AVX2, NEON; only AVX-512 measured).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
